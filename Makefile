@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (main job) and `make test` (test suite).
+# Each creates .venv and installs what it needs; torch 2.13.0 (CPU) installs from local disk.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.shardckpt-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml $(wildcard setup.py) $(wildcard csrc/*.cpp csrc/*.h)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.6"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -c "import shardckpt.codec as c; print('shardckpt codec path:', c.active_path())"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -ra tests
+
+lint: setup
+	$(BIN)/ruff check shardckpt tests benchmarks examples scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info shardckpt/*.so

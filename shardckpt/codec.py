@@ -1,0 +1,222 @@
+"""The block codec: byte-grouping + zstd + crc32, native (csrc/) or pure Python.
+
+Both paths produce byte-identical blocks for the same input and settings (they
+use the same zstd release, 1.5.7, with the same parameters), so either reads what
+the other wrote. The pure-Python path is always available; the native one is
+used when the extension was built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from . import format as fmt
+from .errors import CorruptCheckpointError
+
+log = logging.getLogger("shardckpt")
+
+try:  # the accelerator is optional by design
+    from . import _native  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+_warned = False
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def active_path() -> str:
+    """'native' or 'python': which codec implementation runs."""
+    if os.environ.get("SHARDCKPT_CODEC", "").lower() == "python":
+        return "python"
+    return "native" if _native is not None else "python"
+
+
+def _warn_python_once() -> None:
+    global _warned
+    if not _warned and _native is None:
+        _warned = True
+        warnings.warn("shardckpt: native codec extension not built; using the pure-Python codec "
+                      "(same format, slower).", stacklevel=3)
+
+
+def default_threads() -> int:
+    # Leave cores to the training loop and data loader workers: half the CPUs
+    # this process may use, at least 1, at most 8.
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    env = os.environ.get("SHARDCKPT_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, n // 2 or 1))
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    compression: str = "zstd"  # "zstd" or "none"
+    level: int = 1
+    block_size: int = fmt.DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        if self.compression not in ("zstd", "none"):
+            raise ValueError(f"compression must be 'zstd' or 'none', not {self.compression!r}")
+        if self.block_size <= 0 or self.block_size % 16:
+            raise ValueError(f"block_size must be a positive multiple of 16, not {self.block_size}")
+
+    def to_json(self) -> dict:
+        return {"compression": self.compression, "level": self.level,
+                "block_size": self.block_size, "checksum": "crc32"}
+
+
+# ---------------------------------------------------------------- pure Python
+
+_tls = threading.local()
+
+
+def _cctx(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_tls, "cctx", None)
+    if cache is None:
+        cache = _tls.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _encode_plane(plane: memoryview, level: int) -> tuple[bytes | memoryview, str]:
+    n = len(plane)
+    c = _cctx(level)
+    if n >= 2 * fmt.SAMPLE_SIZE:
+        s = c.compress(plane[: fmt.SAMPLE_SIZE])
+        if len(s) * 20 > fmt.SAMPLE_SIZE * 19:
+            return plane, fmt.MODE_RAW
+    z = c.compress(plane)
+    if len(z) >= n:
+        return plane, fmt.MODE_RAW
+    return z, fmt.MODE_ZSTD
+
+
+def py_encode_block(raw: memoryview, group: int, cfg: CodecConfig) -> tuple[bytes, list]:
+    """Encode one block; returns (stored bytes, block record)."""
+    n = len(raw)
+    if cfg.compression == "none" or n == 0:
+        stored = bytes(raw)
+        return stored, [n, n, zlib.crc32(stored), fmt.MODE_RAW]
+    if group == 1:
+        data, mode = _encode_plane(raw, cfg.level)
+        stored = bytes(data)
+        return stored, [len(stored), n, zlib.crc32(stored), mode]
+    arr = np.frombuffer(raw, dtype=np.uint8).reshape(-1, group)
+    parts = []
+    kinds = []
+    lens = []
+    for k in range(group):
+        plane = np.ascontiguousarray(arr[:, group - 1 - k])
+        data, mode = _encode_plane(memoryview(plane).cast("B"), cfg.level)
+        parts.append(data)
+        kinds.append(mode)
+        lens.append(len(data))
+    stored = b"".join(parts)
+    return stored, [len(stored), n, zlib.crc32(stored), fmt.MODE_GROUPED, "".join(kinds), lens]
+
+
+def py_decode_block(stored: memoryview, rec: list, out: memoryview) -> None:
+    """Decode one block (already checksum-verified) into `out` (len == raw_len)."""
+    n = rec[1]
+    mode = rec[3]
+    if mode == fmt.MODE_RAW:
+        out[:] = stored
+    elif mode == fmt.MODE_ZSTD:
+        out[:] = _dctx().decompress(stored, max_output_size=n)
+    elif mode == fmt.MODE_GROUPED:
+        kinds, lens = rec[4], rec[5]
+        group = len(kinds)
+        dst = np.frombuffer(out, dtype=np.uint8).reshape(-1, group)
+        off = 0
+        for k in range(group):
+            seg = stored[off:off + lens[k]]
+            off += lens[k]
+            if kinds[k] == fmt.MODE_ZSTD:
+                plane = _dctx().decompress(seg, max_output_size=n // group)
+            else:
+                plane = seg
+            dst[:, group - 1 - k] = np.frombuffer(plane, dtype=np.uint8)
+    else:
+        raise ValueError(f"unknown block mode {mode!r}")
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def encode_block(raw: memoryview, group: int, cfg: CodecConfig) -> tuple[bytes, list]:
+    if active_path() == "native":
+        return _native.encode_block(raw, group, cfg.compression == "zstd", cfg.level,
+                                    fmt.SAMPLE_SIZE)
+    _warn_python_once()
+    return py_encode_block(raw, group, cfg)
+
+
+def decode_block(stored: memoryview, rec: list, out: memoryview) -> None:
+    if active_path() == "native":
+        _native.decode_block(stored, rec, out)
+    else:
+        py_decode_block(stored, rec, out)
+
+
+def check_block(stored: memoryview, rec: list, *, path: str, rank: int | None, tensor: str,
+                index: int) -> None:
+    if len(stored) != rec[0]:
+        raise CorruptCheckpointError(
+            f"{path} (rank {rank}): block {index} of {tensor!r} is truncated "
+            f"({len(stored)} of {rec[0]} bytes); the checkpoint is damaged, load an earlier one.",
+            path=path, rank=rank, tensor=tensor)
+    if zlib.crc32(stored) != rec[2]:
+        raise CorruptCheckpointError(
+            f"{path} (rank {rank}): checksum mismatch in block {index} of {tensor!r}; "
+            f"the file is corrupt, load an earlier checkpoint.",
+            path=path, rank=rank, tensor=tensor)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+def pool(threads: int | None = None) -> ThreadPoolExecutor:
+    """A process-wide codec thread pool (created once; threads persist across saves)."""
+    n = threads or default_threads()
+    with _pool_lock:
+        p = _pools.get(n)
+        if p is None:
+            p = _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardckpt-codec")
+        return p
+
+
+def encode_buffer(raw: memoryview, group: int, cfg: CodecConfig,
+                  threads: int | None = None) -> list[tuple[bytes, list]]:
+    """Cut raw bytes into blocks and encode them in parallel, in order."""
+    n = len(raw)
+    bs = cfg.block_size
+    spans = [raw[i:i + bs] for i in range(0, n, bs)]
+    if len(spans) <= 1:
+        return [encode_block(s, group, cfg) for s in spans]
+    return list(pool(threads).map(lambda s: encode_block(s, group, cfg), spans))

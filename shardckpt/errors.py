@@ -1,0 +1,72 @@
+"""Typed errors. Every message names the path (and rank / tensor where known) and says what to do."""
+
+from __future__ import annotations
+
+
+class ShardckptError(Exception):
+    """Base class of every error shardckpt raises on purpose."""
+
+
+class CheckpointNotFoundError(ShardckptError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class NotACheckpointError(ShardckptError):
+    """The path exists but holds no shardckpt checkpoint."""
+
+
+class IncompleteCheckpointError(ShardckptError):
+    """A save started but was never committed (crash, kill, or failure on some rank)."""
+
+
+class CorruptCheckpointError(ShardckptError):
+    """Stored bytes do not match their checksum, or a file is truncated or missing."""
+
+    def __init__(self, message: str, *, path: str | None = None, rank: int | None = None,
+                 tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.rank = rank
+        self.tensor = tensor
+
+
+class StateMismatchError(ShardckptError):
+    """The state to load into does not match the checkpoint (keys, shapes or dtypes)."""
+
+
+class MissingKeysError(StateMismatchError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnexpectedKeysError(StateMismatchError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(StateMismatchError, ValueError):
+    pass
+
+
+class DtypeMismatchError(StateMismatchError, TypeError):
+    pass
+
+
+class CheckpointExistsError(ShardckptError, FileExistsError):
+    """The target path is occupied by something shardckpt will not overwrite."""
+
+
+class InsufficientSpaceError(ShardckptError, OSError):
+    """Not enough free disk space to write the checkpoint."""
+
+
+class SaveFailedError(ShardckptError):
+    """A save failed on one or more ranks; nothing was committed."""
+
+
+class UnsupportedFormatError(ShardckptError):
+    """The checkpoint was written by a newer, unknown format version."""
+
+
+class UnsafeObjectError(ShardckptError):
+    """A non-tensor item would need arbitrary unpickling to load; refused."""

@@ -1,0 +1,95 @@
+"""Load planner: DCP's default one plus strict key/shape/dtype checks and safe objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+
+import torch
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+
+from .errors import (
+    DtypeMismatchError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+)
+from .storage import safe_torch_load
+
+# Keys under a `__rank<N>__` component hold one rank's private state (RNG, for
+# example). After a world-size change nobody asks for the vanished ranks' keys,
+# which is expected, not an "unexpected key".
+RANK_LOCAL = re.compile(r"(^|\.)__rank\d+__(\.|$)")
+
+
+def _fmt_keys(keys: list[str], limit: int = 8) -> str:
+    head = ", ".join(repr(k) for k in keys[:limit])
+    return head + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    def __init__(self, *, strict: bool = True, path: str = "") -> None:
+        super().__init__(allow_partial_load=not strict)
+        self.strict = strict
+        self.path = path
+
+    def create_local_plan(self) -> LoadPlan:
+        md = self.metadata.state_dict_metadata
+        missing = sorted(k for k in self.state_dict if k not in md)
+        if missing and self.strict:
+            raise MissingKeysError(
+                f"{self.path}: {len(missing)} key(s) of the state are not in the checkpoint: "
+                f"{_fmt_keys(missing)}. Check that the model matches the checkpoint, or pass "
+                f"strict=False to load the keys that exist.")
+        for fqn, obj in self.state_dict.items():
+            m = md.get(fqn)
+            if m is None:
+                continue
+            if isinstance(m, TensorStorageMetadata):
+                if not isinstance(obj, torch.Tensor):
+                    raise ShapeMismatchError(
+                        f"{self.path}: {fqn!r} is a tensor {list(m.size)} in the checkpoint but "
+                        f"{type(obj).__name__} in the state to load into.")
+                if tuple(obj.shape) != tuple(m.size):
+                    raise ShapeMismatchError(
+                        f"{self.path}: {fqn!r} has shape {list(m.size)} in the checkpoint but "
+                        f"{list(obj.shape)} in the state to load into. Build the model with the "
+                        f"same configuration as at save time.")
+                if self.strict and obj.dtype != m.properties.dtype:
+                    raise DtypeMismatchError(
+                        f"{self.path}: {fqn!r} is {m.properties.dtype} in the checkpoint but "
+                        f"{obj.dtype} in the state to load into. Cast the model first, or pass "
+                        f"strict=False to convert on load.")
+            elif isinstance(m, BytesStorageMetadata) and isinstance(obj, torch.Tensor):
+                raise ShapeMismatchError(
+                    f"{self.path}: {fqn!r} is a non-tensor object in the checkpoint but a tensor "
+                    f"in the state to load into.")
+        plan = super().create_local_plan()
+        # Tell the coordinator which keys this rank asked for, so it can find
+        # checkpoint keys that no rank wants (strict "unexpected keys").
+        return dataclasses.replace(plan, planner_data=sorted(self.state_dict))
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        if self.strict:
+            wanted: set[str] = set()
+            for p in global_plan:
+                wanted.update(p.planner_data or ())
+            unexpected = sorted(k for k in self.metadata.state_dict_metadata
+                                if k not in wanted and not RANK_LOCAL.search(k))
+            if unexpected:
+                raise UnexpectedKeysError(
+                    f"{self.path}: {len(unexpected)} key(s) of the checkpoint are not in the "
+                    f"state to load into: {_fmt_keys(unexpected)}. Check that the model matches "
+                    f"the checkpoint, or pass strict=False to ignore them.")
+        return super().create_global_plan(global_plan)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = safe_torch_load(value, path=self.path, key=read_item.dest_index.fqn)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj

@@ -1,0 +1,534 @@
+"""DCP storage layer: `ShardWriter` / `ShardReader`.
+
+`dcp.save(state, storage_writer=ShardWriter(path))` and
+`dcp.load(state, storage_reader=ShardReader(path))` work directly. Each rank
+writes one data file of its own into a hidden staging directory; the
+coordinator commits the manifest and publishes the directory atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import codec
+from . import format as fmt
+from .errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    SaveFailedError,
+    UnsafeObjectError,
+)
+from .fsutil import fsync_dir, publish_dir, write_file_durable
+
+log = logging.getLogger("shardckpt")
+
+# How many encoded bytes may wait for the writer thread before encoding pauses.
+_WRITE_QUEUE_BYTES = 256 << 20
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    return {"shardckpt": __version__, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "codec_path": codec.active_path()}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The row-major bytes of a tensor as a zero-copy view where possible."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+@dataclass
+class _RankPlan:
+    """What the coordinator tells each rank: where to write."""
+
+    staging: str
+    rank: int
+
+
+class ShardWriter(StorageWriter):
+    """Writes a shardckpt checkpoint; one data file per rank, atomic commit by the coordinator."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, compression: str = "zstd",
+                 level: int = 1, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+                 threads: int | None = None, overwrite: bool = True,
+                 user_metadata: dict | None = None) -> None:
+        super().__init__()
+        self.path = os.fspath(path) if path is not None else None
+        self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
+        self.threads = threads
+        self.overwrite = overwrite
+        self.user_metadata = dict(user_metadata or {})
+        self.is_coordinator = False
+        self.save_id = uuid.uuid4().hex
+        self._plans: list[SavePlan] = []
+        self._staging: str | None = None
+        self.stats: dict[str, Any] = {}
+
+    # -- StorageWriter protocol
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+        self._staging = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if self.path is None:
+            raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
+        final = os.path.abspath(self.path)
+        state = fmt.checkpoint_state(final)
+        if state == "other":
+            raise CheckpointExistsError(
+                f"{final}: exists and is not a shardckpt checkpoint; refusing to overwrite it. "
+                f"Choose another path or remove it.")
+        if state == "committed" and not self.overwrite:
+            raise CheckpointExistsError(
+                f"{final}: a checkpoint is already committed there; pass overwrite=True "
+                f"or choose another path.")
+        parent, name = os.path.split(final)
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, fmt.staging_name(name, uuid.uuid4().hex[:12]))
+        os.makedirs(os.path.join(staging, fmt.DATA_DIR))
+        marker = {"target": name, "save_id": self.save_id, "world_size": len(plans),
+                  "started_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+        write_file_durable(os.path.join(staging, fmt.PARTIAL_MARKER),
+                           json.dumps(marker).encode())
+        fsync_dir(parent)
+        self._staging = staging
+        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(staging, i))
+                       for i, p in enumerate(plans)]
+        return self._plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        info: _RankPlan = plan.storage_data
+        fut: Future[list[WriteResult]] = Future()
+        try:
+            fut.set_result(self._write_rank_file(plan, planner, info))
+        except BaseException as e:  # surfaced by DCP on every rank
+            fut.set_exception(e)
+        return fut
+
+    def _write_rank_file(self, plan: SavePlan, planner: SavePlanner,
+                         info: _RankPlan) -> list[WriteResult]:
+        rel = fmt.data_file_name(info.rank)
+        path = os.path.join(info.staging, rel)
+        t0 = time.perf_counter()
+        if not plan.items:
+            return []
+        results: list[WriteResult] = []
+        file_info: dict[str, Any] = {"file": rel, "rank": info.rank}
+        q: queue.Queue = queue.Queue()
+        budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // self.cfg.block_size))
+        err: list[BaseException] = []
+        written = {"size": 0, "crc": 0}
+
+        def writer(f: io.BufferedWriter) -> None:
+            # Writes overlap with encoding of the next items; crc32 of the whole
+            # file comes for free on this pass.
+            while True:
+                blob = q.get()
+                if blob is None:
+                    return
+                try:
+                    if not err:
+                        f.write(blob)
+                        written["crc"] = zlib.crc32(blob, written["crc"])
+                        written["size"] += len(blob)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the caller
+                    err.append(e)
+                finally:
+                    budget.release()
+
+        raw_total = 0
+        queued = 0
+        with open(path, "wb", buffering=0) as f:
+            th = threading.Thread(target=writer, args=(f,), name="shardckpt-writer", daemon=True)
+            th.start()
+            try:
+                for item in plan.items:
+                    data = planner.resolve_data(item)
+                    if item.type == WriteItemType.BYTE_IO:
+                        raw = memoryview(data.getbuffer()).cast("B")
+                        group = 1
+                    else:
+                        raw = tensor_bytes(data)
+                        group = fmt.group_size(data.dtype)
+                    raw_total += len(raw)
+                    blocks = codec.encode_buffer(raw, group, self.cfg, self.threads)
+                    offset = queued
+                    recs = []
+                    for stored, rec in blocks:
+                        budget.acquire()
+                        if err:
+                            raise err[0]
+                        q.put(stored)
+                        queued += len(stored)
+                        recs.append(rec)
+                    sd = {"file": rel, "offset": offset, "length": queued - offset,
+                          "nbytes": len(raw), "blocks": recs, "fileinfo": file_info}
+                    results.append(WriteResult(index=item.index,
+                                               size_in_bytes=queued - offset,
+                                               storage_data=sd))
+            finally:
+                q.put(None)
+                th.join()
+            if err:
+                raise err[0]
+            os.fsync(f.fileno())
+        file_info["size"] = written["size"]
+        file_info["crc32"] = written["crc"]
+        dt = time.perf_counter() - t0
+        self.stats = {"rank": info.rank, "bytes_raw": raw_total, "bytes_written": written["size"],
+                      "seconds": dt, "codec_path": codec.active_path()}
+        log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, raw_total,
+                  written["size"], dt)
+        return results
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        final = os.path.abspath(self.path)
+        staging = self._staging
+        if staging is None:
+            raise SaveFailedError(f"{final}: finish() without a prepared plan")
+        expected = {i: len(p.items) for i, p in enumerate(self._plans)}
+        if len(results) != len(expected):
+            raise SaveFailedError(
+                f"{final}: {len(results)} of {len(expected)} ranks reported write results; "
+                f"nothing was committed. Retry the save.")
+        files: dict[str, dict] = {}
+        by_index: dict[MetadataIndex, dict] = {}
+        for rank, res in enumerate(results):
+            if len(res) != expected[rank]:
+                raise SaveFailedError(
+                    f"{final}: rank {rank} reported {len(res)} of {expected[rank]} items; "
+                    f"nothing was committed. Retry the save.")
+            for r in res:
+                sd = dict(r.storage_data)
+                fi = sd.pop("fileinfo")
+                files[fi["file"]] = {"rank": fi["rank"], "size": fi["size"], "crc32": fi["crc32"]}
+                by_index[r.index] = sd
+        for rel, fi in files.items():
+            p = os.path.join(staging, rel)
+            try:
+                size = os.path.getsize(p)
+            except OSError:
+                size = -1
+            if size != fi["size"]:
+                raise SaveFailedError(
+                    f"{p} (rank {fi['rank']}): on disk {size} bytes, reported {fi['size']}; "
+                    f"nothing was committed. Check the filesystem and retry.")
+        tensors: dict[str, dict] = {}
+        objects: dict[str, dict] = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                chunks = []
+                for ch in md.chunks:
+                    sd = by_index.get(MetadataIndex(fqn, ch.offsets))
+                    if sd is None:
+                        raise SaveFailedError(f"{final}: no rank wrote chunk {list(ch.offsets)} "
+                                              f"of {fqn!r}; nothing was committed.")
+                    chunks.append({"offsets": list(ch.offsets), "sizes": list(ch.sizes), **sd})
+                tensors[fqn] = {"dtype": fmt.dtype_name(md.properties.dtype),
+                                "shape": list(md.size),
+                                "requires_grad": bool(md.properties.requires_grad),
+                                "chunks": chunks}
+            else:
+                sd = by_index.get(MetadataIndex(fqn))
+                if sd is None:
+                    raise SaveFailedError(f"{final}: no rank wrote object {fqn!r}; "
+                                          f"nothing was committed.")
+                objects[fqn] = sd
+        manifest = fmt.make_manifest(
+            world_size=len(results), files=files, tensors=tensors, objects=objects,
+            planner_data=metadata.planner_data, codec=self.cfg.to_json(),
+            user_metadata=self.user_metadata, versions=_versions())
+        write_file_durable(os.path.join(staging, fmt.MANIFEST_NAME),
+                           json.dumps(manifest, separators=(",", ":")).encode())
+        os.unlink(os.path.join(staging, fmt.PARTIAL_MARKER))
+        fsync_dir(os.path.join(staging, fmt.DATA_DIR))
+        fsync_dir(staging)
+        parent, name = os.path.split(final)
+        publish_dir(staging, final, os.path.join(parent, fmt.trash_name(name, uuid.uuid4().hex[:12])))
+        self._staging = None
+
+    def abort(self) -> None:
+        """Remove this save's staging directory (called by shardckpt.save on failure)."""
+        if self._staging and os.path.isdir(self._staging):
+            shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging = None
+
+
+# ---------------------------------------------------------------- reading
+
+
+def metadata_from_manifest(manifest: dict) -> Metadata:
+    sdm: dict[str, Any] = {}
+    storage: dict[MetadataIndex, dict] = {}
+    for fqn, t in manifest["tensors"].items():
+        props = TensorProperties(dtype=fmt.dtype_from_name(t["dtype"]),
+                                 requires_grad=t.get("requires_grad", False))
+        chunks = []
+        for ch in t["chunks"]:
+            off = torch.Size(ch["offsets"])
+            chunks.append(ChunkStorageMetadata(offsets=off, sizes=torch.Size(ch["sizes"])))
+            storage[MetadataIndex(fqn, off)] = {**ch, "fqn": fqn, "dtype": t["dtype"]}
+        sdm[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(t["shape"]),
+                                         chunks=chunks)
+    for fqn, o in manifest["objects"].items():
+        sdm[fqn] = BytesStorageMetadata()
+        storage[MetadataIndex(fqn)] = {**o, "fqn": fqn}
+    return Metadata(state_dict_metadata=sdm,
+                    planner_data=fmt.decode_planner_data(manifest.get("planner_data")),
+                    storage_data=storage)
+
+
+def _row_major_strides(sizes: list[int]) -> list[int]:
+    strides = [1] * len(sizes)
+    for i in range(len(sizes) - 2, -1, -1):
+        strides[i] = strides[i + 1] * sizes[i + 1]
+    return strides
+
+
+def safe_torch_load(buf: io.BytesIO, *, path: str, key: str) -> Any:
+    """torch.load under weights_only rules: a checkpoint can never run code on load."""
+    try:
+        return torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise UnsafeObjectError(
+            f"{path}: object {key!r} cannot be loaded under weights_only rules ({e}). "
+            f"shardckpt never unpickles arbitrary objects; store plain types or tensors.") from e
+
+
+class ShardReader(StorageReader):
+    """Reads a shardckpt checkpoint at any world size, fetching only the blocks it needs."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, threads: int | None = None,
+                 verify: bool = True) -> None:
+        super().__init__()
+        self.path = os.fspath(path) if path is not None else None
+        self.threads = threads
+        self.verify = verify
+        self.manifest: dict | None = None
+        self.storage_data: dict[MetadataIndex, dict] = {}
+        self.load_id = uuid.uuid4().hex
+        self.bytes_read = 0
+        self.bytes_needed = 0
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self.manifest = None
+        self.bytes_read = 0
+        self.bytes_needed = 0
+        self.load_id = uuid.uuid4().hex
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return os.path.isfile(os.path.join(os.fspath(checkpoint_id), fmt.MANIFEST_NAME))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.manifest is None:
+            self.manifest = fmt.read_manifest(self.path)
+        md = metadata_from_manifest(self.manifest)
+        md.storage_meta = StorageMeta(checkpoint_id=self.path, load_id=self.load_id)
+        return md
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
+                              **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+        if self.manifest is None:
+            self.manifest = fmt.read_manifest(self.path)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        fut: Future[None] = Future()
+        try:
+            self._read_plan(plan, planner)
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e)
+        return fut
+
+    # -- reading internals
+    def _read_plan(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        by_item: dict[MetadataIndex, list[ReadItem]] = {}
+        for ri in plan.items:
+            by_item.setdefault(ri.storage_index, []).append(ri)
+        for idx, ris in by_item.items():
+            sd = self.storage_data.get(idx)
+            if sd is None:
+                raise CorruptCheckpointError(
+                    f"{self.path}: manifest has no stored data for {idx.fqn!r} at {idx.offset}",
+                    path=self.path, tensor=idx.fqn)
+            if ris[0].type == torch.distributed.checkpoint.planner.LoadItemType.BYTE_IO:
+                raw = self._read_range(sd, 0, sd["nbytes"])
+                value = safe_torch_load(io.BytesIO(raw.numpy().tobytes()), path=self.path,
+                                        key=idx.fqn)
+                for ri in ris:
+                    # Hand the planner a fresh stream; it unpickles again under its own
+                    # rules, which is safe because the bytes just passed weights_only.
+                    buf = io.BytesIO()
+                    torch.save(value, buf)
+                    buf.seek(0)
+                    planner.load_bytes(ri, buf)
+                continue
+            self._read_tensor_item(sd, ris, planner)
+
+    def _read_tensor_item(self, sd: dict, ris: list[ReadItem], planner: LoadPlanner) -> None:
+        dtype = fmt.dtype_from_name(sd["dtype"])
+        esize = torch.empty((), dtype=dtype).element_size()
+        sizes = list(sd["sizes"])
+        strides = _row_major_strides(sizes)
+        spans = []
+        for ri in ris:
+            so, ln = list(ri.storage_offsets), list(ri.lengths)
+            if any(x == 0 for x in ln):
+                spans.append(None)
+                continue
+            first = sum(o * s for o, s in zip(so, strides))
+            last = sum((o + n - 1) * s for o, n, s in zip(so, ln, strides))
+            spans.append((first * esize, (last + 1) * esize))
+        live = [s for s in spans if s is not None]
+        if live:
+            lo = min(s[0] for s in live)
+            hi = max(s[1] for s in live)
+            buf, base = self._read_spans(sd, [s for s in live], lo, hi)
+        for ri, span in zip(ris, spans):
+            target = planner.resolve_tensor(ri).detach()
+            if span is not None:
+                first_byte = span[0]
+                src = buf[first_byte - base: span[1] - base].view(dtype)
+                src = src.as_strided(list(ri.lengths),
+                                     strides[:len(ri.lengths)] if ri.lengths else [], 0)
+                if target.shape != src.shape:
+                    from .errors import ShapeMismatchError
+
+                    raise ShapeMismatchError(
+                        f"{self.path}: {sd['fqn']!r} region {list(src.shape)} does not fit the "
+                        f"destination {list(target.shape)}; the state does not match the checkpoint.")
+                target.copy_(src)
+            planner.commit_tensor(ri, target)
+
+    def _read_range(self, sd: dict, start: int, end: int) -> torch.Tensor:
+        buf, base = self._read_spans(sd, [(start, end)], start, end)
+        return buf[start - base:end - base]
+
+    def _read_spans(self, sd: dict, spans: list[tuple[int, int]], lo: int,
+                    hi: int) -> tuple[torch.Tensor, int]:
+        """Decode the blocks covering `spans`; returns (buffer, raw offset of buffer[0])."""
+        blocks = fmt.item_blocks(sd)
+        need: dict[int, fmt.Block] = {}
+        for s, e in spans:
+            for b in fmt.blocks_for_range(blocks, s, e):
+                need[b.offset] = b
+        chosen = sorted(need.values(), key=lambda b: b.raw_start)
+        if not chosen:
+            return torch.empty(0, dtype=torch.uint8), lo
+        base = chosen[0].raw_start
+        end = chosen[-1].raw_start + chosen[-1].raw_len
+        out = torch.empty(end - base, dtype=torch.uint8)
+        outmv = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
+        path = os.path.join(self.path, sd["file"])
+        rank = fmt.file_rank(self.manifest, sd["file"])
+        fqn = sd["fqn"]
+        index_of = {b.offset: i for i, b in enumerate(blocks)}
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{path} (rank {rank}): data file is missing, needed for {fqn!r}; the checkpoint "
+                f"is damaged, load an earlier one.", path=path, rank=rank, tensor=fqn) from None
+        try:
+            for off, length, run in fmt.coalesce(chosen):
+                data = os.pread(fd, length, off)
+                self.bytes_read += len(data)
+                mv = memoryview(data)
+                jobs = []
+                pos = 0
+                for b in run:
+                    stored = mv[pos:pos + b.stored_len]
+                    pos += b.stored_len
+                    jobs.append((b, stored))
+                self.bytes_needed += sum(b.stored_len for b in run)
+
+                def work(job: tuple[fmt.Block, memoryview]) -> None:
+                    b, stored = job
+                    if self.verify or len(stored) != b.stored_len:
+                        codec.check_block(stored, b.record, path=path, rank=rank, tensor=fqn,
+                                          index=index_of[b.offset])
+                    dst = outmv[b.raw_start - base: b.raw_start - base + b.raw_len]
+                    try:
+                        codec.decode_block(stored, b.record, dst)
+                    except CorruptCheckpointError:
+                        raise
+                    except Exception as e:
+                        raise CorruptCheckpointError(
+                            f"{path} (rank {rank}): block {index_of[b.offset]} of {fqn!r} does "
+                            f"not decode ({e}); the file is corrupt, load an earlier checkpoint.",
+                            path=path, rank=rank, tensor=fqn) from e
+
+                if len(jobs) > 1:
+                    list(codec.pool(self.threads).map(work, jobs))
+                else:
+                    for j in jobs:
+                        work(j)
+        finally:
+            os.close(fd)
+        return out, base
