@@ -455,8 +455,8 @@ class ShardReader(StorageReader):
             if span is not None:
                 first_byte = span[0]
                 src = buf[first_byte - base: span[1] - base].view(dtype)
-                src = src.as_strided(list(ri.lengths),
-                                     strides[:len(ri.lengths)] if ri.lengths else [], 0)
+                # as_strided's offset is absolute in the storage, not relative to the view
+                src = src.as_strided(list(ri.lengths), strides, src.storage_offset())
                 if target.shape != src.shape:
                     from .errors import ShapeMismatchError
 
