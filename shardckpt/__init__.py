@@ -39,8 +39,8 @@ _LAZY = {
     "seed_worker": ".seed",
     "make_generator": ".seed",
     "CheckpointManager": ".manager",
-    "async_save": ".async_save",
-    "AsyncSaveHandle": ".async_save",
+    "async_save": ".async_ckpt",
+    "AsyncSaveHandle": ".async_ckpt",
 }
 
 

@@ -1,0 +1,96 @@
+"""Async save: snapshot semantics, pool reuse, error surfacing, multi-rank, exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt.async_ckpt import StagingPool, staging_stats
+
+from . import workers_async as W
+from ._dist import run_world
+
+
+def test_snapshot_is_taken_at_call_time(tmp_path):
+    w = torch.randn(1000, 100)
+    b = torch.randn(7).bfloat16()
+    snap_w, snap_b = w.clone(), b.clone()
+    h = shardckpt.async_save({"w": w, "b": b, "meta": {"step": 3}}, tmp_path / "ck")
+    w.mul_(0).add_(5)  # training mutates right after the call returns
+    b.zero_()
+    h.wait()
+    assert h.done() and h.total_s >= h.stall_s
+    t = {"w": torch.zeros(1000, 100), "b": torch.zeros(7).bfloat16(), "meta": {"step": 0}}
+    shardckpt.load(t, tmp_path / "ck")
+    assert torch.equal(t["w"], snap_w) and torch.equal(t["b"], snap_b)
+    assert t["meta"]["step"] == 3
+
+
+def test_pool_is_reused_across_saves(tmp_path):
+    w = torch.randn(300, 300)
+    shardckpt.async_save({"w": w}, tmp_path / "a").wait()
+    before = staging_stats()
+    for i in range(3):
+        w.add_(1)
+        shardckpt.async_save({"w": w}, tmp_path / f"b{i}").wait()
+    after = staging_stats()
+    assert after["allocations"] == before["allocations"]
+    assert after["bytes"] == before["bytes"]
+    t = {"w": torch.zeros(300, 300)}
+    shardckpt.load(t, tmp_path / "b2")
+    assert torch.equal(t["w"], w)
+
+
+def test_state_over_the_cap_still_saves_exactly():
+    pool = StagingPool(cap_bytes=4096)
+    tree = {"a": torch.arange(512, dtype=torch.float32), "b": torch.arange(2000.0)}
+    staged = pool.stage(tree)
+    tree["a"].zero_()
+    tree["b"].zero_()
+    assert torch.equal(staged["a"], torch.arange(512, dtype=torch.float32))
+    assert torch.equal(staged["b"], torch.arange(2000.0))
+    assert pool.capacity <= 4096 and pool.overflow_bytes == 8000
+
+
+def test_background_error_surfaces_at_wait_and_next_save(tmp_path):
+    bad = tmp_path / "notackpt"
+    bad.mkdir()
+    (bad / "keep.txt").write_text("x")
+    h = shardckpt.async_save({"w": torch.ones(3)}, bad)
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        h.wait()
+    h2 = shardckpt.async_save({"w": torch.ones(3)}, bad)
+    # not waited on: the next save raises it before starting
+    h2._done.wait()
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        shardckpt.async_save({"w": torch.ones(3)}, tmp_path / "ok")
+    assert (bad / "keep.txt").read_text() == "x"
+
+
+def test_multi_rank_async_save_with_training_collectives(tmp_path):
+    out = run_world(2, W.train_while_saving, str(tmp_path))
+    for r in out:
+        assert r["ok"] == [True, True, True]
+        assert r["stats"]["allocations"] == 1
+
+
+def test_interpreter_exit_finishes_the_inflight_save(tmp_path):
+    code = textwrap.dedent(f"""
+        import torch, shardckpt
+        h = shardckpt.async_save({{"w": torch.arange(3_000_000, dtype=torch.float32)}},
+                                 {str(tmp_path / "ck")!r})
+        print("returned", h.done(), flush=True)
+    """)
+    env = dict(os.environ, SHARDCKPT_CODEC="python")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    t = {"w": torch.zeros(3_000_000)}
+    shardckpt.load(t, tmp_path / "ck")
+    assert torch.equal(t["w"], torch.arange(3_000_000, dtype=torch.float32))
