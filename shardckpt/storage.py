@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import queue
-import shutil
-import socket
 import threading
 import time
 import uuid
@@ -46,13 +43,13 @@ from torch.futures import Future
 
 from . import codec
 from . import format as fmt
+from .commit import abort_staging, begin_staging, commit_staging
 from .errors import (
-    CheckpointExistsError,
     CorruptCheckpointError,
     SaveFailedError,
+    ShapeMismatchError,
     UnsafeObjectError,
 )
-from .fsutil import fsync_dir, publish_dir, write_file_durable
 
 log = logging.getLogger("shardckpt")
 
@@ -84,6 +81,82 @@ class _RankPlan:
 
     staging: str
     rank: int
+
+
+class DataFileWriter:
+    """Appends encoded items to one data file and fsyncs it on close.
+
+    Encoding (on the codec pool) overlaps with writing (on a writer thread); the
+    whole-file crc32 is computed on the write pass, so no byte is read twice.
+    """
+
+    def __init__(self, path: str, cfg: codec.CodecConfig, threads: int | None = None) -> None:
+        self.cfg = cfg
+        self.threads = threads
+        self.size = 0
+        self.crc = 0
+        self.raw_bytes = 0
+        self._queued = 0
+        self._f = open(path, "wb", buffering=0)
+        self._q: queue.Queue = queue.Queue()
+        self._budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // cfg.block_size))
+        self._err: list[BaseException] = []
+        self._th = threading.Thread(target=self._drain, name="shardckpt-writer", daemon=True)
+        self._th.start()
+
+    def _drain(self) -> None:
+        while True:
+            blob = self._q.get()
+            if blob is None:
+                return
+            try:
+                if not self._err:
+                    self._f.write(blob)
+                    self.crc = zlib.crc32(blob, self.crc)
+                    self.size += len(blob)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self._err.append(e)
+            finally:
+                self._budget.release()
+
+    def append(self, raw: memoryview, group: int) -> dict[str, Any]:
+        """Encode and queue one item; returns its storage record (offset, blocks, ...)."""
+        offset = self._queued
+        recs = []
+        for stored, rec in codec.encode_buffer(raw, group, self.cfg, self.threads):
+            self._budget.acquire()
+            if self._err:
+                raise self._err[0]
+            self._q.put(stored)
+            self._queued += len(stored)
+            recs.append(rec)
+        self.raw_bytes += len(raw)
+        return {"offset": offset, "length": self._queued - offset, "nbytes": len(raw),
+                "blocks": recs}
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._q.put(None)
+        self._th.join()
+        try:
+            if not self._err:
+                os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+        if self._err:
+            raise self._err[0]
+
+    def __enter__(self) -> DataFileWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's error wins; stop the writer without masking it
+            self._q.put(None)
+            self._th.join()
+            self._f.close()
 
 
 class ShardWriter(StorageWriter):
@@ -128,25 +201,8 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
-        final = os.path.abspath(self.path)
-        state = fmt.checkpoint_state(final)
-        if state == "other":
-            raise CheckpointExistsError(
-                f"{final}: exists and is not a shardckpt checkpoint; refusing to overwrite it. "
-                f"Choose another path or remove it.")
-        if state == "committed" and not self.overwrite:
-            raise CheckpointExistsError(
-                f"{final}: a checkpoint is already committed there; pass overwrite=True "
-                f"or choose another path.")
-        parent, name = os.path.split(final)
-        os.makedirs(parent, exist_ok=True)
-        staging = os.path.join(parent, fmt.staging_name(name, uuid.uuid4().hex[:12]))
-        os.makedirs(os.path.join(staging, fmt.DATA_DIR))
-        marker = {"target": name, "save_id": self.save_id, "world_size": len(plans),
-                  "started_unix": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
-        write_file_durable(os.path.join(staging, fmt.PARTIAL_MARKER),
-                           json.dumps(marker).encode())
-        fsync_dir(parent)
+        staging = begin_staging(self.path, overwrite=self.overwrite, save_id=self.save_id,
+                                world_size=len(plans))
         self._staging = staging
         self._plans = [dataclasses.replace(p, storage_data=_RankPlan(staging, i))
                        for i, p in enumerate(plans)]
@@ -164,77 +220,27 @@ class ShardWriter(StorageWriter):
     def _write_rank_file(self, plan: SavePlan, planner: SavePlanner,
                          info: _RankPlan) -> list[WriteResult]:
         rel = fmt.data_file_name(info.rank)
-        path = os.path.join(info.staging, rel)
         t0 = time.perf_counter()
         if not plan.items:
             return []
         results: list[WriteResult] = []
         file_info: dict[str, Any] = {"file": rel, "rank": info.rank}
-        q: queue.Queue = queue.Queue()
-        budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // self.cfg.block_size))
-        err: list[BaseException] = []
-        written = {"size": 0, "crc": 0}
-
-        def writer(f: io.BufferedWriter) -> None:
-            # Writes overlap with encoding of the next items; crc32 of the whole
-            # file comes for free on this pass.
-            while True:
-                blob = q.get()
-                if blob is None:
-                    return
-                try:
-                    if not err:
-                        f.write(blob)
-                        written["crc"] = zlib.crc32(blob, written["crc"])
-                        written["size"] += len(blob)
-                except BaseException as e:  # noqa: BLE001 - re-raised on the caller
-                    err.append(e)
-                finally:
-                    budget.release()
-
-        raw_total = 0
-        queued = 0
-        with open(path, "wb", buffering=0) as f:
-            th = threading.Thread(target=writer, args=(f,), name="shardckpt-writer", daemon=True)
-            th.start()
-            try:
-                for item in plan.items:
-                    data = planner.resolve_data(item)
-                    if item.type == WriteItemType.BYTE_IO:
-                        raw = memoryview(data.getbuffer()).cast("B")
-                        group = 1
-                    else:
-                        raw = tensor_bytes(data)
-                        group = fmt.group_size(data.dtype)
-                    raw_total += len(raw)
-                    blocks = codec.encode_buffer(raw, group, self.cfg, self.threads)
-                    offset = queued
-                    recs = []
-                    for stored, rec in blocks:
-                        budget.acquire()
-                        if err:
-                            raise err[0]
-                        q.put(stored)
-                        queued += len(stored)
-                        recs.append(rec)
-                    sd = {"file": rel, "offset": offset, "length": queued - offset,
-                          "nbytes": len(raw), "blocks": recs, "fileinfo": file_info}
-                    results.append(WriteResult(index=item.index,
-                                               size_in_bytes=queued - offset,
-                                               storage_data=sd))
-            finally:
-                q.put(None)
-                th.join()
-            if err:
-                raise err[0]
-            os.fsync(f.fileno())
-        file_info["size"] = written["size"]
-        file_info["crc32"] = written["crc"]
+        with DataFileWriter(os.path.join(info.staging, rel), self.cfg, self.threads) as out:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    sd = out.append(memoryview(data.getbuffer()).cast("B"), 1)
+                else:
+                    sd = out.append(tensor_bytes(data), fmt.group_size(data.dtype))
+                sd.update(file=rel, fileinfo=file_info)
+                results.append(WriteResult(index=item.index, size_in_bytes=sd["length"],
+                                           storage_data=sd))
+        file_info["size"], file_info["crc32"] = out.size, out.crc
         dt = time.perf_counter() - t0
-        self.stats = {"rank": info.rank, "bytes_raw": raw_total, "bytes_written": written["size"],
+        self.stats = {"rank": info.rank, "bytes_raw": out.raw_bytes, "bytes_written": out.size,
                       "seconds": dt, "codec_path": codec.active_path()}
-        log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, raw_total,
-                  written["size"], dt)
+        log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
+                  out.size, dt)
         return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -294,19 +300,12 @@ class ShardWriter(StorageWriter):
             world_size=len(results), files=files, tensors=tensors, objects=objects,
             planner_data=metadata.planner_data, codec=self.cfg.to_json(),
             user_metadata=self.user_metadata, versions=_versions())
-        write_file_durable(os.path.join(staging, fmt.MANIFEST_NAME),
-                           json.dumps(manifest, separators=(",", ":")).encode())
-        os.unlink(os.path.join(staging, fmt.PARTIAL_MARKER))
-        fsync_dir(os.path.join(staging, fmt.DATA_DIR))
-        fsync_dir(staging)
-        parent, name = os.path.split(final)
-        publish_dir(staging, final, os.path.join(parent, fmt.trash_name(name, uuid.uuid4().hex[:12])))
+        commit_staging(staging, final, manifest)
         self._staging = None
 
     def abort(self) -> None:
         """Remove this save's staging directory (called by shardckpt.save on failure)."""
-        if self._staging and os.path.isdir(self._staging):
-            shutil.rmtree(self._staging, ignore_errors=True)
+        abort_staging(self._staging)
         self._staging = None
 
 
@@ -432,13 +431,24 @@ class ShardReader(StorageReader):
             self._read_tensor_item(sd, ris, planner)
 
     def _read_tensor_item(self, sd: dict, ris: list[ReadItem], planner: LoadPlanner) -> None:
+        regions = self._chunk_regions(sd, [(ri.storage_offsets, ri.lengths) for ri in ris])
+        for ri, src in zip(ris, regions):
+            target = planner.resolve_tensor(ri).detach()
+            if src is not None:
+                if target.shape != src.shape:
+                    raise ShapeMismatchError(
+                        f"{self.path}: {sd['fqn']!r} region {list(src.shape)} does not fit the "
+                        f"destination {list(target.shape)}; the state does not match the checkpoint.")
+                target.copy_(src)
+            planner.commit_tensor(ri, target)
+
+    def _chunk_regions(self, sd: dict, boxes: list[tuple[Any, Any]]) -> list[torch.Tensor | None]:
+        """Views of the boxes (offsets, lengths within one stored chunk), from one read."""
         dtype = fmt.dtype_from_name(sd["dtype"])
         esize = torch.empty((), dtype=dtype).element_size()
-        sizes = list(sd["sizes"])
-        strides = _row_major_strides(sizes)
-        spans = []
-        for ri in ris:
-            so, ln = list(ri.storage_offsets), list(ri.lengths)
+        strides = _row_major_strides(list(sd["sizes"]))
+        spans: list[tuple[int, int] | None] = []
+        for so, ln in boxes:
             if any(x == 0 for x in ln):
                 spans.append(None)
                 continue
@@ -446,25 +456,56 @@ class ShardReader(StorageReader):
             last = sum((o + n - 1) * s for o, n, s in zip(so, ln, strides))
             spans.append((first * esize, (last + 1) * esize))
         live = [s for s in spans if s is not None]
-        if live:
-            lo = min(s[0] for s in live)
-            hi = max(s[1] for s in live)
-            buf, base = self._read_spans(sd, [s for s in live], lo, hi)
-        for ri, span in zip(ris, spans):
-            target = planner.resolve_tensor(ri).detach()
-            if span is not None:
-                first_byte = span[0]
-                src = buf[first_byte - base: span[1] - base].view(dtype)
-                # as_strided's offset is absolute in the storage, not relative to the view
-                src = src.as_strided(list(ri.lengths), strides, src.storage_offset())
-                if target.shape != src.shape:
-                    from .errors import ShapeMismatchError
+        if not live:
+            return [None] * len(boxes)
+        buf, base = self._read_spans(sd, live, min(s[0] for s in live), max(s[1] for s in live))
+        out: list[torch.Tensor | None] = []
+        for (_, ln), span in zip(boxes, spans):
+            if span is None:
+                out.append(None)
+                continue
+            src = buf[span[0] - base: span[1] - base].view(dtype)
+            # as_strided's offset is absolute in the storage, not relative to the view
+            out.append(src.as_strided(list(ln), strides, src.storage_offset()))
+        return out
 
-                    raise ShapeMismatchError(
-                        f"{self.path}: {sd['fqn']!r} region {list(src.shape)} does not fit the "
-                        f"destination {list(target.shape)}; the state does not match the checkpoint.")
-                target.copy_(src)
-            planner.commit_tensor(ri, target)
+    # -- direct access for tools (inspect, diff, reshard, convert): no DCP, no process group
+    def _ensure_manifest(self) -> dict:
+        if self.manifest is None:
+            self.manifest = fmt.read_manifest(self.path)
+            self.storage_data = metadata_from_manifest(self.manifest).storage_data
+        return self.manifest
+
+    def read_region(self, fqn: str, offsets: list[int] | None = None,
+                    sizes: list[int] | None = None) -> torch.Tensor:
+        """A box of a stored tensor (the whole tensor by default), reading only its blocks."""
+        t = self._ensure_manifest()["tensors"][fqn]
+        shape = list(t["shape"])
+        offsets = [0] * len(shape) if offsets is None else list(offsets)
+        sizes = shape if sizes is None else list(sizes)
+        out = torch.empty(sizes, dtype=fmt.dtype_from_name(t["dtype"]))
+        for ch in t["chunks"]:
+            lo = [max(a, c) for a, c in zip(offsets, ch["offsets"])]
+            hi = [min(a + n, c + m) for a, n, c, m in zip(offsets, sizes, ch["offsets"], ch["sizes"])]
+            if any(h <= low for low, h in zip(lo, hi)) and shape:
+                continue
+            sd = self.storage_data[MetadataIndex(fqn, torch.Size(ch["offsets"]))]
+            lengths = [h - low for low, h in zip(lo, hi)]
+            rel = [low - c for low, c in zip(lo, ch["offsets"])]
+            (src,) = self._chunk_regions(sd, [(rel, lengths)])
+            if src is None:
+                continue
+            dst = out
+            for d, (low, a, n) in enumerate(zip(lo, offsets, lengths)):
+                dst = dst.narrow(d, low - a, n)
+            dst.copy_(src)
+        return out
+
+    def read_object(self, fqn: str) -> Any:
+        """A stored non-tensor value, under weights_only rules."""
+        o = self._ensure_manifest()["objects"][fqn]
+        raw = self._read_range({**o, "fqn": fqn}, 0, o["nbytes"])
+        return safe_torch_load(io.BytesIO(raw.numpy().tobytes()), path=self.path, key=fqn)
 
     def _read_range(self, sd: dict, start: int, end: int) -> torch.Tensor:
         buf, base = self._read_spans(sd, [(start, end)], start, end)
