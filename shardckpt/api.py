@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import format as fmt
 from .errors import ShardckptError
 from .planner import SafeLoadPlanner
-from .storage import ShardReader, ShardWriter
+from .storage import ShardReader, ShardWriter, key_mapper
 
 
 @contextmanager
@@ -68,14 +66,26 @@ def save(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any =
 
 
 def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any = None,
-         strict: bool = True, threads: int | None = None, verify: bool = True) -> None:
+         strict: bool = True, threads: int | None = None, verify: bool = True,
+         strip_prefix: str | Sequence[str] | None = None,
+         rename: dict[str, str] | None = None) -> None:
     """Load a checkpoint into `state` in place, at any world size (DCP semantics).
 
     With `strict`, keys missing from the checkpoint, keys of the checkpoint that
     nothing asked for, and shape or dtype differences raise typed errors.
+    `strip_prefix` ("module.") and `rename` ({regex: replacement}) map the
+    checkpoint's keys to the state's before matching.
     """
-    fmt.read_manifest(os.fspath(path))  # typed errors before any collective starts
-    reader = ShardReader(path, threads=threads, verify=verify)
+    reader = ShardReader(path, threads=threads, verify=verify,
+                         key_map=key_mapper(strip_prefix, rename))
+    manifest = reader._ensure_manifest()  # typed errors before any collective starts
+    keys = [*manifest["tensors"], *manifest["objects"]]
+    for value in state.values():
+        # Objects with rank-private keys (TrainState) learn which ranks were saved,
+        # so ranks added since then do not ask for keys that do not exist.
+        prepare = getattr(value, "prepare_load", None)
+        if callable(prepare):
+            prepare(keys)
     planner = SafeLoadPlanner(strict=strict, path=os.fspath(path))
     try:
         with _quiet_no_dist():

@@ -13,10 +13,12 @@ import io
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +314,45 @@ class ShardWriter(StorageWriter):
 # ---------------------------------------------------------------- reading
 
 
+def key_mapper(strip_prefix: str | Sequence[str] | None = None,
+               rename: dict[str, str] | Sequence[tuple[str, str]] | None = None,
+               ) -> Callable[[str], str] | None:
+    """Checkpoint key -> state key: strip prefixes (`module.`), then regex renames in order."""
+    prefixes = [strip_prefix] if isinstance(strip_prefix, str) else list(strip_prefix or ())
+    rules = list(rename.items()) if isinstance(rename, dict) else list(rename or ())
+    compiled = [(re.compile(p), r) for p, r in rules]
+    if not prefixes and not compiled:
+        return None
+
+    def fn(key: str) -> str:
+        for p in prefixes:
+            # Strip at any depth: "model.module.w" -> "model.w", as wrappers nest.
+            key = key[len(p):] if key.startswith(p) else key.replace("." + p, ".")
+        for pat, repl in compiled:
+            key = pat.sub(repl, key)
+        return key
+
+    return fn
+
+
+def rename_manifest(manifest: dict, key_map: Callable[[str], str]) -> dict:
+    """A copy of the manifest with every key mapped; collisions are an error."""
+    out = dict(manifest)
+    for section in ("tensors", "objects"):
+        renamed: dict[str, Any] = {}
+        for k, v in manifest[section].items():
+            nk = key_map(k)
+            if nk in renamed:
+                raise ValueError(f"key mapping sends two checkpoint keys to {nk!r}; "
+                                 f"adjust strip_prefix/rename")
+            renamed[nk] = v
+        out[section] = renamed
+    pd = manifest.get("planner_data")
+    if isinstance(pd, dict):
+        out["planner_data"] = {key_map(k): v for k, v in pd.items()}
+    return out
+
+
 def metadata_from_manifest(manifest: dict) -> Metadata:
     sdm: dict[str, Any] = {}
     storage: dict[MetadataIndex, dict] = {}
@@ -354,11 +395,12 @@ class ShardReader(StorageReader):
     """Reads a shardckpt checkpoint at any world size, fetching only the blocks it needs."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, threads: int | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, key_map: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self.path = os.fspath(path) if path is not None else None
         self.threads = threads
         self.verify = verify
+        self.key_map = key_map
         self.manifest: dict | None = None
         self.storage_data: dict[MetadataIndex, dict] = {}
         self.load_id = uuid.uuid4().hex
@@ -378,17 +420,14 @@ class ShardReader(StorageReader):
         return os.path.isfile(os.path.join(os.fspath(checkpoint_id), fmt.MANIFEST_NAME))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self.manifest is None:
-            self.manifest = fmt.read_manifest(self.path)
-        md = metadata_from_manifest(self.manifest)
+        md = metadata_from_manifest(self._ensure_manifest())
         md.storage_meta = StorageMeta(checkpoint_id=self.path, load_id=self.load_id)
         return md
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
+        self._ensure_manifest()
         self.storage_data = metadata.storage_data
-        if self.manifest is None:
-            self.manifest = fmt.read_manifest(self.path)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -472,8 +511,11 @@ class ShardReader(StorageReader):
     # -- direct access for tools (inspect, diff, reshard, convert): no DCP, no process group
     def _ensure_manifest(self) -> dict:
         if self.manifest is None:
-            self.manifest = fmt.read_manifest(self.path)
-            self.storage_data = metadata_from_manifest(self.manifest).storage_data
+            manifest = fmt.read_manifest(self.path)
+            if self.key_map is not None:
+                manifest = rename_manifest(manifest, self.key_map)
+            self.manifest = manifest
+            self.storage_data = metadata_from_manifest(manifest).storage_data
         return self.manifest
 
     def read_region(self, fqn: str, offsets: list[int] | None = None,

@@ -241,3 +241,18 @@ def test_uncommitted_save_is_invisible_and_identifiable(tmp_path):
     assert fmt.parse_leftover(os.path.basename(leftover)) == ("ck", "partial")
     with pytest.raises(shardckpt.IncompleteCheckpointError, match="never committed"):
         shardckpt.load({"x": torch.zeros(1)}, path)
+
+
+def test_key_remapping_on_load(tmp_path):
+    path = tmp_path / "ck"
+    shardckpt.save({"model": {"module.w": torch.ones(3), "module._orig_mod.b": torch.zeros(2)}},
+                   path)
+    st = {"model": {"w": torch.zeros(3), "b": torch.ones(2)}}
+    with pytest.raises(shardckpt.MissingKeysError):
+        shardckpt.load(st, path)
+    shardckpt.load(st, path, strip_prefix=["module.", "_orig_mod."])
+    assert torch.equal(st["model"]["w"], torch.ones(3)) and torch.equal(st["model"]["b"],
+                                                                        torch.zeros(2))
+    st = {"model": {"W": torch.zeros(3), "b": torch.ones(2)}}
+    shardckpt.load(st, path, rename={r"module\.(_orig_mod\.)?": "", r"\.w$": ".W"})
+    assert torch.equal(st["model"]["W"], torch.ones(3))
