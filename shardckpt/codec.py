@@ -214,9 +214,77 @@ def pool(threads: int | None = None) -> ThreadPoolExecutor:
 def encode_buffer(raw: memoryview, group: int, cfg: CodecConfig,
                   threads: int | None = None) -> list[tuple[bytes, list]]:
     """Cut raw bytes into blocks and encode them in parallel, in order."""
+    if active_path() == "native":
+        # One call for the whole buffer: the extension cuts the blocks and
+        # encodes them on its own thread pool without taking the GIL back.
+        return _native.encode_blocks(raw, group, cfg.compression == "zstd", cfg.level,
+                                     cfg.block_size, fmt.SAMPLE_SIZE, threads or default_threads())
     n = len(raw)
     bs = cfg.block_size
     spans = [raw[i:i + bs] for i in range(0, n, bs)]
     if len(spans) <= 1:
         return [encode_block(s, group, cfg) for s in spans]
     return list(pool(threads).map(lambda s: encode_block(s, group, cfg), spans))
+
+
+def _corrupt(path: str, rank: int | None, tensor: str, index: int, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path} (rank {rank}): block {index} of {tensor!r} {what}; the file is corrupt, "
+        f"load an earlier checkpoint.", path=path, rank=rank, tensor=tensor)
+
+
+def decode_item_blocks(stored: memoryview, recs: list[list], out: memoryview,
+                       threads: int | None = None, verify: bool = True, *, path: str = "?",
+                       rank: int | None = None, tensor: str = "?", first_index: int = 0) -> None:
+    """Decode consecutive blocks of one item: stored back to back into raw back to back.
+
+    `stored` may be shorter than the records say (a short read of a truncated
+    file); that is reported as truncation of the first block that runs past
+    its end. With `verify`, every block's crc32 is checked before it is
+    decoded. Errors are CorruptCheckpointError naming the file, rank, tensor and
+    block (`first_index` + position in `recs`). `out` must be exactly the sum
+    of the blocks' raw lengths.
+    """
+    if active_path() == "native":
+        try:
+            _native.decode_blocks(stored, recs, out, threads or default_threads(), verify)
+        except ValueError as e:
+            i = getattr(e, "block_index", None)
+            if i is None:
+                raise
+            index = first_index + i
+            reason = getattr(e, "reason", "")
+            if reason in ("truncated", "checksum"):
+                # Same wording as check_block, whichever path ran.
+                stop = sum(r[0] for r in recs[:i])
+                check_block(stored[stop:stop + recs[i][0]], recs[i], path=path, rank=rank,
+                            tensor=tensor, index=index)
+            raise _corrupt(path, rank, tensor, index, f"does not decode ({e})") from e
+        return
+    _warn_python_once()
+    total = sum(r[1] for r in recs)
+    if len(out) != total:
+        raise ValueError(f"output buffer is {len(out)} bytes, the blocks hold {total}")
+    jobs = []
+    soff = roff = 0
+    for i, rec in enumerate(recs):
+        jobs.append((first_index + i, rec, stored[soff:soff + rec[0]], out[roff:roff + rec[1]]))
+        soff += rec[0]
+        roff += rec[1]
+    if soff < len(stored):
+        raise ValueError(f"stored buffer is {len(stored)} bytes, the blocks hold {soff}")
+
+    def work(job: tuple[int, list, memoryview, memoryview]) -> None:
+        index, rec, data, dst = job
+        if verify or len(data) != rec[0]:
+            check_block(data, rec, path=path, rank=rank, tensor=tensor, index=index)
+        try:
+            py_decode_block(data, rec, dst)
+        except (ValueError, IndexError, TypeError, zstandard.ZstdError) as e:
+            raise _corrupt(path, rank, tensor, index, f"does not decode ({e})") from e
+
+    if len(jobs) > 1:
+        list(pool(threads).map(work, jobs))
+    else:
+        for j in jobs:
+            work(j)

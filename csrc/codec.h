@@ -1,0 +1,56 @@
+// Block codec core: byte-grouping + zstd + crc32, free of any Python API so
+// that it can run on pool threads without the GIL.
+//
+// The output must be byte-identical to shardckpt/codec.py (py_encode_block):
+// docs/FORMAT.md is the contract, the Python code is the reference.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace shardckpt {
+
+constexpr char kModeRaw = 'r';
+constexpr char kModeZstd = 'z';
+constexpr char kModeGrouped = 'g';
+// Grouping is only used for 2- and 4-byte floats; the generic path accepts up
+// to this many planes so a future dtype does not need a format change here.
+constexpr int kMaxGroup = 16;
+
+struct BlockRecord {
+  size_t stored_len = 0;
+  size_t raw_len = 0;
+  uint32_t crc = 0;
+  char mode = kModeRaw;
+  int group = 1;               // number of planes when mode == 'g'
+  char kinds[kMaxGroup] = {};  // 'r' or 'z' per plane
+  size_t lens[kMaxGroup] = {};  // stored bytes per plane
+};
+
+// Thrown for anything wrong with a stored block (bad record, zstd error, size
+// mismatch); the binding turns it into ValueError.
+class CodecError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+uint32_t crc32(const uint8_t* data, size_t n);
+
+// Encodes raw[0, n) into dst, which must hold at least n bytes: every stored
+// form is at most as long as the raw bytes, because a plane that does not
+// shrink is stored raw.
+BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress, int level,
+                         size_t sample_size, uint8_t* dst);
+
+// Checks that a record is self-consistent (plane lengths add up, kinds are
+// known, raw length divides into planes). Throws CodecError.
+void validate_record(const BlockRecord& rec);
+
+// Decodes one validated block into out[0, rec.raw_len). Does not check the crc.
+void decode_block(const uint8_t* stored, const BlockRecord& rec, uint8_t* out);
+
+std::string zstd_version();
+
+}  // namespace shardckpt
