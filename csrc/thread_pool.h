@@ -6,7 +6,11 @@
 // with `threads` = T, T-1 pool workers help it.
 #pragma once
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cstdlib>
 
 #include <atomic>
 #include <condition_variable>
@@ -103,9 +107,21 @@ class ThreadPool {
     constexpr size_t kMaxWorkers = 256;
     want = std::min(want, kMaxWorkers);
     while (workers_.size() < want) {
-      workers_.emplace_back([this] { loop(); });
+      workers_.emplace_back([this] {
+        lower_priority();
+        loop();
+      });
       workers_.back().detach();
     }
+  }
+
+  // Checkpoint work runs beside the training loop; a higher nice value lets
+  // training threads win the CPU while a background save encodes. When nothing
+  // else runs (a blocking save) it costs nothing. SHARDCKPT_WORKER_NICE=0 opts out.
+  static void lower_priority() {
+    const char* env = std::getenv("SHARDCKPT_WORKER_NICE");
+    int nice = env ? std::atoi(env) : 10;
+    if (nice > 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
   }
 
   void loop() {

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from . import api
+from . import api, codec
 
 log = logging.getLogger("shardckpt")
 _ALIGN = 64
@@ -231,6 +231,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     handle = AsyncSaveHandle(path, time.perf_counter() - t0)
 
     def run() -> None:
+        codec.lower_thread_priority()  # the writer thread it starts inherits this
         try:
             api.save(staged, path, process_group=group, **save_kwargs)
         except BaseException as e:  # noqa: BLE001 - delivered through the handle

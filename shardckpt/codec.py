@@ -197,6 +197,22 @@ def check_block(stored: memoryview, rec: list, *, path: str, rank: int | None, t
             path=path, rank=rank, tensor=tensor)
 
 
+def lower_thread_priority() -> None:
+    """Raise this thread's nice value (SHARDCKPT_WORKER_NICE, default 10).
+
+    Checkpoint threads run beside the training loop: under contention the
+    training threads should win; with no contention it costs nothing.
+    """
+    nice = int(os.environ.get("SHARDCKPT_WORKER_NICE", "10"))
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError:  # not permitted in some sandboxes; priority is an optimisation
+        pass
+
+
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
@@ -207,7 +223,8 @@ def pool(threads: int | None = None) -> ThreadPoolExecutor:
     with _pool_lock:
         p = _pools.get(n)
         if p is None:
-            p = _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardckpt-codec")
+            p = _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardckpt-codec",
+                                               initializer=lower_thread_priority)
         return p
 
 
