@@ -128,3 +128,26 @@ def test_world_size_change_4_to_2(tmp_path: Path) -> None:
         rec = _rec(tmp_path / "w2", r)
         assert rec["step"] == 16
         assert any("not be bitwise identical" in w for w in rec["warnings"])
+
+
+@pytest.mark.slow
+def test_world_size_change_2_to_4(tmp_path: Path) -> None:
+    # Growing: ranks 2 and 3 did not exist at save time; shardckpt.load tells the
+    # TrainState which ranks were saved, so the new ranks derive their RNG instead
+    # of asking for keys that do not exist.
+    common = ("--mode", "fsdp", "--samples", 48, "--batch-size", 2, "--num-workers", 0)
+    _launch(*common, "--world-size", 2, "--until", 100, "--save", tmp_path / "ckpt",
+            "--save-at", 4, "--out", tmp_path / "w2")
+    # 16 of 48 samples consumed; the other 32 are 4 batches per rank at 4 ranks.
+    _launch(*common, "--world-size", 4, "--until", 8, "--load", tmp_path / "ckpt",
+            "--out", tmp_path / "w4")
+    saved, loaded = _rec(tmp_path / "w2")["final"], _rec(tmp_path / "w4")["after_load"]
+    assert saved and saved.keys() == loaded.keys()
+    for k in saved:
+        assert torch.equal(saved[k], loaded[k]), f"{k} changed across the 2 -> 4 reshard"
+    before = [i for r in range(2) for i in _rec(tmp_path / "w2", r)["indices"][0]]
+    after = [i for r in range(4) for i in _rec(tmp_path / "w4", r)["indices"][0]]
+    assert len(before) == 16 and len(after) == 32
+    assert sorted(before + after) == list(range(48)), "a sample was skipped or repeated"
+    for r in range(4):
+        assert _rec(tmp_path / "w4", r)["step"] == 8
