@@ -113,7 +113,14 @@ class DataFileWriter:
                 return
             try:
                 if not self._err:
-                    self._f.write(blob)
+                    # An unbuffered write may be short (disk filling up); the retry
+                    # then raises ENOSPC instead of leaving a silently short file.
+                    view = memoryview(blob)
+                    while view:
+                        n = self._f.write(view)
+                        if not n:
+                            raise OSError(f"write to {self._f.name} made no progress")
+                        view = view[n:]
                     self.crc = zlib.crc32(blob, self.crc)
                     self.size += len(blob)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread

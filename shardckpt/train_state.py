@@ -148,9 +148,9 @@ class TrainState:
 
     At load time every key this object reports must exist in the checkpoint; tensor
     values in `extra` must be present (right shape) before loading, JSON values are
-    restored regardless. When loading on more ranks than were saved, call
-    `prepare_load(path)` first so the new ranks do not ask for RNG keys that do not
-    exist.
+    restored regardless. When loading on more ranks than were saved, the new ranks
+    must not ask for RNG keys that do not exist: `shardckpt.load` calls
+    `prepare_load` for you; with plain `dcp.load` call `prepare_load(path)` first.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -1,0 +1,432 @@
+"""CheckpointManager: retention, pointers, leases, crash points, corruption fallback,
+full disk, preemption (single process and a real 2-process gloo run)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import shardckpt
+from shardckpt import commit, storage
+from shardckpt import format as fmt
+from shardckpt import manager as manager_mod
+from shardckpt.manager import BEST_POINTER, LATEST_POINTER, CheckpointManager
+
+from . import workers_manager as W
+from ._dist import _entry, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mgr(root: Path, **kw) -> CheckpointManager:
+    kw.setdefault("preemption_signals", ())  # pytest's own handlers stay in place
+    return CheckpointManager(root, **kw)
+
+
+def _steps(root: Path) -> list[int]:
+    return [i.step for i in _mgr(root, keep_last=None).list()]
+
+
+def _pointer(root: Path, name: str) -> dict:
+    return json.loads((root / name).read_text())
+
+
+def _entries(root: Path) -> set[str]:
+    return {e for e in os.listdir(root) if e != manager_mod.READERS_DIR}
+
+
+# ---------------------------------------------------------------- retention
+
+
+@pytest.mark.parametrize("mode,keep_best", [("min", 1), ("max", 2)])
+def test_retention_over_20_saves(tmp_path, mode, keep_best):
+    losses = [0.9, 0.8, 0.85, 0.7, 0.75, 0.6, 0.65, 0.62, 0.5, 0.55,
+              0.58, 0.52, 0.53, 0.54, 0.56, 0.57, 0.59, 0.6, 0.61, 0.63]
+    mgr = _mgr(tmp_path, keep_last=3, keep_best=keep_best, metric="val_loss", mode=mode,
+               keep_every=5)
+    sign = 1 if mode == "min" else -1
+    alive: set[int] = set()
+    best_so_far = None
+    for step, loss in enumerate(losses, start=1):
+        mgr.save(step, {"w": torch.full((64,), float(step))}, metrics={"val_loss": loss})
+        # Independent model of the policy: evaluated over what is still on disk.
+        alive.add(step)
+        if best_so_far is None or sign * loss < sign * losses[best_so_far - 1]:
+            best_so_far = step
+        ranked = sorted(alive, key=lambda s: (sign * losses[s - 1], -s))
+        keep = set(sorted(alive)[-3:]) | {s for s in alive if s % 5 == 0}
+        keep |= set(ranked[:keep_best]) | {best_so_far, step}
+        alive &= keep
+        assert set(_steps(tmp_path)) == alive, step
+    if mode == "min":
+        assert alive == {5, 9, 10, 15, 18, 19, 20}
+    else:
+        assert alive == {1, 3, 5, 10, 15, 18, 19, 20}
+    assert _pointer(tmp_path, LATEST_POINTER)["step"] == 20
+    assert _pointer(tmp_path, BEST_POINTER)["step"] == best_so_far
+    infos = {i.step: i for i in mgr.list()}
+    assert infos[20].pointers == ("latest",) and infos[best_so_far].pointers == ("best",)
+    assert infos[20].metrics == {"val_loss": 0.63}
+    assert all(i.size_bytes > 64 * 4 and i.time > 0 and i.problem is None
+               for i in infos.values())
+    # Nothing but checkpoints and pointers is left behind.
+    assert _entries(tmp_path) == {f"step_{s:08d}" for s in alive} | {LATEST_POINTER, BEST_POINTER}
+
+
+def test_reader_lease_protects_and_stale_lease_is_ignored(tmp_path):
+    mgr = _mgr(tmp_path, keep_last=1)
+    mgr.save(1, {"w": torch.ones(8)})
+    mgr.save(2, {"w": torch.ones(8)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    readers = tmp_path / manager_mod.READERS_DIR
+    readers.mkdir(exist_ok=True)
+    (readers / f"{dead.pid}-x.json").write_text(json.dumps(
+        {"name": "step_00000002", "pid": dead.pid, "host": manager_mod._HOST,
+         "time": time.time()}))
+    with mgr.lease(2):
+        mgr.save(3, {"w": torch.ones(8)})
+        assert _steps(tmp_path) == [2, 3]  # leased by a live reader: kept
+    mgr.save(4, {"w": torch.ones(8)})
+    assert _steps(tmp_path) == [4]  # the dead pid's lease does not hold step 2
+    assert os.listdir(readers) == []
+
+
+def test_step_name_is_zero_padded_and_sorts(tmp_path):
+    mgr = _mgr(tmp_path, keep_last=None)
+    for s in (7, 123456789, 30):
+        mgr.save(s, {"w": torch.ones(2)})
+    assert sorted(_entries(tmp_path) - {LATEST_POINTER}) == [
+        "step_00000007", "step_00000030", "step_123456789"]
+    st = {"w": torch.zeros(2)}
+    assert mgr.restore(st) == 123456789
+
+
+def test_restore_empty_root_returns_none(tmp_path):
+    assert _mgr(tmp_path / "nothing").restore(W.empty_state()) is None
+
+
+# ---------------------------------------------------------------- kill -9 at protocol points
+
+
+# After a kill before the rename, the new step was never committed: the previous one
+# is restored. The rename is the commit point, so after it the new step is restored
+# even though `latest` still named the old one (restore repairs the pointer).
+@pytest.mark.parametrize("point,expect", [("data", 2), ("manifest", 2), ("pointer", 3),
+                                          ("retention", 3)])
+def test_kill9_during_save(tmp_path, point, expect):
+    root, flag = tmp_path / "ck", tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.workers_manager", "kill", point,
+                             str(root), str(flag)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while not flag.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"child exited early: {proc.stdout.read().decode()}")
+            assert time.time() < deadline, "child never reached the kill point"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    mgr = _mgr(root, keep_last=2, metric="loss")
+    state = W.empty_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mgr.restore(state) == expect
+    assert W.state_matches(state, expect)
+    if point in ("data", "manifest"):
+        assert fmt.find_partials(str(root / "step_00000003"))
+        assert any("step_00000003" in str(w.message) and "never committed" in str(w.message)
+                   for w in caught)
+    assert _pointer(root, LATEST_POINTER)["step"] == expect
+    assert _pointer(root, BEST_POINTER)["step"] == expect  # loss = 1/step
+    if point == "retention":
+        assert _steps(root) == [2, 3]
+    # The next save clears every leftover (partial or half-deleted) of the dead run.
+    mgr.save(4, W.make_state(4), metrics={"loss": 0.25})
+    assert _entries(root) == {"step_00000003", "step_00000004", LATEST_POINTER, BEST_POINTER} \
+        if expect == 3 else {"step_00000002", "step_00000004", LATEST_POINTER, BEST_POINTER}
+
+
+# ---------------------------------------------------------------- corruption fallback
+
+
+def _flip_byte(ck: Path) -> str:
+    data = ck / "data" / "r00000.bin"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+    return "checksum"
+
+
+def _delete_data(ck: Path) -> str:
+    (ck / "data" / "r00000.bin").unlink()
+    return "missing"
+
+
+def _truncate_manifest(ck: Path) -> str:
+    m = ck / fmt.MANIFEST_NAME
+    m.write_bytes(m.read_bytes()[:40])
+    return "manifest"
+
+
+@pytest.mark.parametrize("damage", [_flip_byte, _delete_data, _truncate_manifest])
+@pytest.mark.parametrize("verify_mode", ["sizes", "full"])
+def test_corrupt_newest_falls_back_with_warning(tmp_path, damage, verify_mode):
+    mgr = _mgr(tmp_path, keep_last=5, metric="loss", verify_on_restore=verify_mode)
+    for s in (1, 2, 3):
+        mgr.save(s, W.make_state(s), metrics={"loss": 1.0 / s})
+    word = damage(tmp_path / "step_00000003")
+    state = W.empty_state()
+    with pytest.warns(RuntimeWarning, match=rf"(?s)step_00000003.*{word}"):
+        assert mgr.restore(state) == 2
+    assert W.state_matches(state, 2)  # bitwise, even after a failed partial load
+    # An explicit choice of the damaged one is an error, not a silent fallback.
+    with pytest.raises(shardckpt.CorruptCheckpointError, match="step_00000003"):
+        mgr.restore(W.empty_state(), step=3)
+    with pytest.raises(shardckpt.CorruptCheckpointError, match="step_00000003"):
+        mgr.restore(W.empty_state(), which="best")
+    assert mgr.restore(state, step=1) == 1 and W.state_matches(state, 1)
+    with pytest.raises(shardckpt.CheckpointNotFoundError):
+        mgr.restore(state, step=99)
+
+
+def test_state_mismatch_is_raised_not_skipped(tmp_path):
+    mgr = _mgr(tmp_path)
+    mgr.save(1, W.make_state(1))
+    mgr.save(2, W.make_state(2))
+    state = W.empty_state()
+    state["w"] = torch.zeros(10)
+    with pytest.raises(shardckpt.StateMismatchError):
+        mgr.restore(state)
+
+
+# ---------------------------------------------------------------- full disk
+
+
+class _FullDiskFile(io.FileIO):
+    """A data file on a disk that fills up after `budget` bytes."""
+
+    budget = 4000
+
+    def write(self, b) -> int:  # noqa: ANN001
+        if self.tell() + len(b) > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device", self.name)
+        return super().write(b)
+
+
+def _no_leftovers(root: Path, steps: list[int]) -> None:
+    assert _entries(root) == {f"step_{s:08d}" for s in steps} | {LATEST_POINTER}
+
+
+@pytest.mark.parametrize("where", ["data", "manifest"])
+def test_enospc_injected_mid_save(tmp_path, monkeypatch, where):
+    mgr = _mgr(tmp_path, keep_last=3)
+    mgr.save(1, W.make_state(1))
+    if where == "data":
+        monkeypatch.setattr(storage, "open", lambda p, mode, **k: _FullDiskFile(p, mode),
+                            raising=False)
+    else:
+        real = commit.write_file_durable
+
+        def wfd(path: str, data: bytes) -> None:
+            if path.endswith(fmt.MANIFEST_NAME):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            real(path, data)
+
+        monkeypatch.setattr(commit, "write_file_durable", wfd)
+    with pytest.raises(shardckpt.InsufficientSpaceError, match=r"(?s)disk full.*step 2.*intact"):
+        mgr.save(2, W.make_state(2))
+    monkeypatch.undo()
+    _no_leftovers(tmp_path, [1])
+    state = W.empty_state()
+    assert mgr.restore(state) == 1 and W.state_matches(state, 1)
+    mgr.save(2, W.make_state(2))  # works again once there is space
+    assert _steps(tmp_path) == [1, 2]
+
+
+def test_space_precheck_frees_by_retention_or_refuses(tmp_path, monkeypatch):
+    opts = {"save_options": {"compression": "none"}}  # equal sizes for every step
+    mgr = _mgr(tmp_path, keep_last=2, **opts)
+    mgr.save(1, W.make_state(1))
+    mgr.save(2, W.make_state(2))
+    size = mgr.list()[-1].size_bytes
+    real = shutil.disk_usage
+    cap = 3 * size + size // 5  # a pretend disk: room for three checkpoints and a bit
+
+    def usage(path):
+        used = sum(manager_mod._dir_size(str(p)) for p in tmp_path.iterdir())
+        return real(path)._replace(total=cap, used=used, free=cap - used)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    mgr.save(3, W.make_state(3))  # fits; retention drops 1 afterwards
+    assert _steps(tmp_path) == [2, 3]
+    cap = 2 * size + size // 5  # room for two: 2 must go before 4 is written
+    mgr.save(4, W.make_state(4))
+    assert _steps(tmp_path) == [3, 4]
+    # With keep_last=None nothing is droppable, and 0.2 x size is not enough.
+    keep_all = _mgr(tmp_path, keep_last=None, **opts)
+    with pytest.raises(shardckpt.InsufficientSpaceError, match="Nothing was written"):
+        keep_all.save(5, W.make_state(5))
+    _no_leftovers(tmp_path, [3, 4])
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_real_full_disk_tmpfs(tiny_disk):
+    root = tiny_disk / "ck"
+    small = lambda s: {"w": torch.randn(75_000, generator=torch.Generator().manual_seed(s))}  # noqa: E731
+    mgr = _mgr(root, keep_last=5, save_options={"compression": "none"})
+    mgr.save(1, small(1))
+    mgr.save(2, small(2))
+    # Bigger than the disk, but the estimate (previous checkpoint) fits: the disk
+    # fills up in the middle of the data file, a real ENOSPC.
+    with pytest.raises(shardckpt.InsufficientSpaceError, match="disk full"):
+        mgr.save(3, {"w": torch.randn(1_250_000)})
+    _no_leftovers(root, [1, 2])
+    st = {"w": torch.zeros(75_000)}
+    assert mgr.restore(st) == 2 and torch.equal(st["w"], small(2)["w"])
+    # Leave ~200 KB free: the pre-check refuses before writing anything.
+    free = shutil.disk_usage(root).free
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 200_000))
+    with pytest.raises(shardckpt.InsufficientSpaceError, match="Nothing was written"):
+        mgr.save(3, small(3))
+    _no_leftovers(root, [1, 2])
+    # With keep_last=1, retention may drop step 1 (not 2: `latest` names it) first.
+    mgr1 = _mgr(root, keep_last=1, save_options={"compression": "none"})
+    mgr1.save(3, small(3))
+    _no_leftovers(root, [3])
+    assert mgr1.restore(st) == 3 and torch.equal(st["w"], small(3)["w"])
+
+
+# ---------------------------------------------------------------- preemption and async
+
+
+def test_sigusr1_saves_at_step_boundary(tmp_path):
+    before = signal.getsignal(signal.SIGUSR1)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    try:
+        state = W.make_state(5)
+        assert mgr.step_boundary(5, state) is False
+        assert _steps(tmp_path) == []
+        os.kill(os.getpid(), signal.SIGUSR1)  # only a flag is set here
+        assert _steps(tmp_path) == []
+        assert mgr.step_boundary(5, state) is True
+        assert mgr.preempted and _steps(tmp_path) == [5]
+        man = fmt.read_manifest(str(tmp_path / "step_00000005"))
+        assert man["user_metadata"]["manager"]["reason"] == "preemption"
+    finally:
+        mgr.close()
+    assert signal.getsignal(signal.SIGUSR1) == before
+    st = W.empty_state()
+    assert _mgr(tmp_path).restore(st) == 5 and W.state_matches(st, 5)
+
+
+def test_async_mode_defers_pointers_to_wait(tmp_path, monkeypatch):
+    calls = []
+
+    class Handle:
+        def __init__(self, state, path, kw):
+            self.args = (state, path, kw)
+            self._done = False
+
+        def done(self) -> bool:
+            return self._done
+
+        def wait(self) -> None:
+            if not self._done:  # the "background" part: write + commit
+                state, path, kw = self.args
+                shardckpt.save(state, path, **kw)
+                self._done = True
+
+    def fake_async_save(state, path, **kw):
+        calls.append(path)
+        return Handle(state, path, kw)
+
+    monkeypatch.setattr(shardckpt, "async_save", fake_async_save, raising=False)
+    mgr = _mgr(tmp_path, keep_last=1, async_save=True, metric="loss")
+    mgr.save(1, W.make_state(1), metrics={"loss": 1.0})
+    assert not (tmp_path / LATEST_POINTER).exists()  # not committed yet
+    mgr.save(2, W.make_state(2), metrics={"loss": 2.0})  # finishes step 1 first
+    assert _pointer(tmp_path, LATEST_POINTER)["step"] == 1
+    mgr.wait()
+    assert _pointer(tmp_path, LATEST_POINTER)["step"] == 2
+    assert _steps(tmp_path) == [1, 2]  # 1 is best, 2 is latest
+    assert len(calls) == 2
+    st = W.empty_state()
+    assert mgr.restore(st) == 2 and W.state_matches(st, 2)
+
+
+def test_sigterm_to_one_rank_of_two_saves_and_resumes(tmp_path):
+    root, ready = str(tmp_path / "ck"), str(tmp_path / "ready")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, 2, port, W.train_until_preempted,
+                                              (root, ready), q), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(ready):
+            assert time.time() < deadline, "training never reached step 3"
+            assert all(p.is_alive() for p in procs), "a rank died early"
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGTERM)  # the signal reaches one rank only
+        for _ in range(2):
+            rank, status, out = q.get(timeout=120)
+            assert status == "ok", out
+            results[rank] = torch.load(io.BytesIO(out), weights_only=False)
+        for p in procs:
+            p.join(30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    step = results[0]["step"]
+    assert results[1]["step"] == step >= 3
+    assert _pointer(Path(root), LATEST_POINTER)["step"] == step
+    # Every rank of a restarted job restores the same step, bitwise; so does a
+    # fresh single process (the checkpoint loads at world size 1 too).
+    for r in [results[0]["resumed"], results[1]["resumed"], W.resume(0, 1, root)]:
+        assert r["step"] == step
+        for k, v in results[0]["sd"].items():
+            assert torch.equal(r["sd"][k], v), k
+
+
+def test_real_full_disk_in_last_block(tiny_disk):
+    root = tiny_disk / "ck"
+    mgr = _mgr(root, save_options={"compression": "none", "block_size": 4 << 20})
+    mgr.save(1, {"w": torch.zeros(10)})
+    with pytest.raises(shardckpt.InsufficientSpaceError, match="disk full"):
+        mgr.save(2, {"w": torch.randn(600_000)})  # 2.4 MB in one block: a short write
