@@ -11,6 +11,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from . import codec
 from . import format as fmt
 from .errors import ShardckptError
 from .planner import SafeLoadPlanner
@@ -52,6 +53,8 @@ def save(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any =
     Each rank writes its own file in parallel; the checkpoint becomes visible only
     after every rank's data is durable and rank 0 has committed the manifest.
     """
+    if threads is None:
+        threads = codec.blocking_threads()
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
                          threads=threads, overwrite=overwrite, user_metadata=metadata)
     try:

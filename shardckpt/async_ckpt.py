@@ -233,6 +233,8 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     def run() -> None:
         codec.lower_thread_priority()  # the writer thread it starts inherits this
         try:
+            # Training runs meanwhile: leave it half the cores.
+            save_kwargs.setdefault("threads", codec.default_threads())
             api.save(staged, path, process_group=group, **save_kwargs)
         except BaseException as e:  # noqa: BLE001 - delivered through the handle
             handle._error = e

@@ -51,17 +51,31 @@ def _warn_python_once() -> None:
                       "(same format, slower).", stacklevel=3)
 
 
-def default_threads() -> int:
-    # Leave cores to the training loop and data loader workers: half the CPUs
-    # this process may use, at least 1, at most 8.
+def _usable_cpus() -> int:
     try:
-        n = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Codec threads for work beside a running training loop (async save, loads).
+
+    Half the CPUs this process may use, at least 1, at most 8, so the training
+    loop and data loader workers keep theirs. SHARDCKPT_THREADS overrides.
+    """
     env = os.environ.get("SHARDCKPT_THREADS")
     if env:
         return max(1, int(env))
-    return max(1, min(8, n // 2 or 1))
+    return max(1, min(8, _usable_cpus() // 2 or 1))
+
+
+def blocking_threads() -> int:
+    """Codec threads for a blocking save: the training loop waits, so use every CPU."""
+    env = os.environ.get("SHARDCKPT_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(16, _usable_cpus()))
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ log = logging.getLogger("shardckpt")
 
 # How many encoded bytes may wait for the writer thread before encoding pauses.
 _WRITE_QUEUE_BYTES = 256 << 20
+# Bytes written between background fdatasync calls of a data file.
+_SYNC_EVERY = 64 << 20
 
 
 def _versions() -> dict:
@@ -96,6 +98,7 @@ class DataFileWriter:
         self.cfg = cfg
         self.threads = threads
         self.size = 0
+        self._synced = 0
         self.crc = 0
         self.raw_bytes = 0
         self._queued = 0
@@ -123,6 +126,11 @@ class DataFileWriter:
                         view = view[n:]
                     self.crc = zlib.crc32(blob, self.crc)
                     self.size += len(blob)
+                    if self.size - self._synced >= _SYNC_EVERY:
+                        # Flush while the encoder keeps going, so the final fsync
+                        # only waits for the tail instead of the whole file.
+                        os.fdatasync(self._f.fileno())
+                        self._synced = self.size
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 self._err.append(e)
             finally:
@@ -477,6 +485,8 @@ class ShardReader(StorageReader):
             self._read_tensor_item(sd, ris, planner)
 
     def _read_tensor_item(self, sd: dict, ris: list[ReadItem], planner: LoadPlanner) -> None:
+        if len(ris) == 1 and self._read_whole_chunk_in_place(sd, ris[0], planner):
+            return
         regions = self._chunk_regions(sd, [(ri.storage_offsets, ri.lengths) for ri in ris])
         for ri, src in zip(ris, regions):
             target = planner.resolve_tensor(ri).detach()
@@ -487,6 +497,20 @@ class ShardReader(StorageReader):
                         f"destination {list(target.shape)}; the state does not match the checkpoint.")
                 target.copy_(src)
             planner.commit_tensor(ri, target)
+
+    def _read_whole_chunk_in_place(self, sd: dict, ri: ReadItem, planner: LoadPlanner) -> bool:
+        """The common case (same sharding as at save): decode straight into the target."""
+        if any(ri.storage_offsets) or list(ri.lengths) != list(sd["sizes"]) or not sd["nbytes"]:
+            return False
+        target = planner.resolve_tensor(ri).detach()
+        if (target.device.type != "cpu" or not target.is_contiguous()
+                or target.dtype != fmt.dtype_from_name(sd["dtype"])
+                or list(target.shape) != list(sd["sizes"])):
+            return False
+        raw = target.reshape(-1).view(torch.uint8)
+        self._read_spans(sd, [(0, sd["nbytes"])], 0, sd["nbytes"], out=raw)
+        planner.commit_tensor(ri, target)
+        return True
 
     def _chunk_regions(self, sd: dict, boxes: list[tuple[Any, Any]]) -> list[torch.Tensor | None]:
         """Views of the boxes (offsets, lengths within one stored chunk), from one read."""
@@ -560,9 +584,12 @@ class ShardReader(StorageReader):
         buf, base = self._read_spans(sd, [(start, end)], start, end)
         return buf[start - base:end - base]
 
-    def _read_spans(self, sd: dict, spans: list[tuple[int, int]], lo: int,
-                    hi: int) -> tuple[torch.Tensor, int]:
-        """Decode the blocks covering `spans`; returns (buffer, raw offset of buffer[0])."""
+    def _read_spans(self, sd: dict, spans: list[tuple[int, int]], lo: int, hi: int,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Decode the blocks covering `spans`; returns (buffer, raw offset of buffer[0]).
+
+        `out`, if given, is a uint8 buffer for the whole item to decode into.
+        """
         blocks = fmt.item_blocks(sd)
         need: dict[int, fmt.Block] = {}
         for s, e in spans:
@@ -571,9 +598,12 @@ class ShardReader(StorageReader):
         chosen = sorted(need.values(), key=lambda b: b.raw_start)
         if not chosen:
             return torch.empty(0, dtype=torch.uint8), lo
-        base = chosen[0].raw_start
-        end = chosen[-1].raw_start + chosen[-1].raw_len
-        out = torch.empty(end - base, dtype=torch.uint8)
+        if out is None:
+            base = chosen[0].raw_start
+            end = chosen[-1].raw_start + chosen[-1].raw_len
+            out = torch.empty(end - base, dtype=torch.uint8)
+        else:
+            base = 0
         outmv = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
         path = os.path.join(self.path, sd["file"])
         rank = fmt.file_rank(self.manifest, sd["file"])
