@@ -79,6 +79,8 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any =
     `strip_prefix` ("module.") and `rename` ({regex: replacement}) map the
     checkpoint's keys to the state's before matching.
     """
+    if threads is None:
+        threads = codec.blocking_threads()  # the caller waits for the load: use every CPU
     reader = ShardReader(path, threads=threads, verify=verify,
                          key_map=key_mapper(strip_prefix, rename))
     manifest = reader._ensure_manifest()  # typed errors before any collective starts
