@@ -1,0 +1,124 @@
+"""`shardckpt inspect`: what a checkpoint holds, from its manifest alone (no data read)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import format as fmt
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _step(manifest: dict) -> Any:
+    um = manifest.get("user_metadata") or {}
+    for k in ("step", "global_step"):
+        if k in um:
+            return um[k]
+    return None
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able summary of a checkpoint: totals, files per rank, and every key."""
+    path = os.fspath(path)
+    m = fmt.read_manifest(path)
+    keys: list[dict[str, Any]] = []
+    logical = 0
+    for k, t in m["tensors"].items():
+        dtype = fmt.dtype_from_name(t["dtype"])
+        n = torch.empty((), dtype=dtype).element_size()
+        for s in t["shape"]:
+            n *= s
+        logical += n
+        keys.append({"key": k, "kind": "tensor", "shape": list(t["shape"]), "dtype": t["dtype"],
+                     "bytes": n, "shards": len(t["chunks"]),
+                     "stored_bytes": sum(c["length"] for c in t["chunks"])})
+    for k, o in m["objects"].items():
+        logical += o["nbytes"]
+        keys.append({"key": k, "kind": "object", "bytes": o["nbytes"], "shards": 1,
+                     "stored_bytes": o["length"]})
+    keys.sort(key=lambda x: x["key"])
+    ranks: dict[int, dict[str, Any]] = {}
+    on_disk = 0
+    for rel, fi in sorted(m["files"].items()):
+        r = ranks.setdefault(fi["rank"], {"rank": fi["rank"], "files": [], "bytes": 0})
+        r["files"].append(rel)
+        r["bytes"] += fi["size"]
+        on_disk += fi["size"]
+    step = _step(m)
+    if step is None:
+        # TrainState records the step as an object; one tiny read is worth it.
+        cands = [k for k in m["objects"] if k == "progress.step" or k.endswith(".progress.step")]
+        if len(cands) == 1:
+            from .storage import ShardReader
+
+            step = ShardReader(path).read_object(cands[0])
+    return {
+        "path": os.path.abspath(path),
+        "step": step,
+        "world_size": m["world_size"],
+        "created": m.get("created"),
+        "format_version": m.get("format_version"),
+        "versions": m.get("versions", {}),
+        "codec": m["codec"],
+        "bytes_logical": logical,
+        "bytes_on_disk": on_disk,
+        "compression_ratio": (logical / on_disk) if on_disk else None,
+        "n_tensors": len(m["tensors"]),
+        "n_objects": len(m["objects"]),
+        "ranks": [ranks[r] for r in sorted(ranks)],
+        "user_metadata": m.get("user_metadata") or {},
+        "keys": keys,
+    }
+
+
+def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
+    """Human-readable rendering of `inspect_checkpoint`: header, ranks, then a key tree."""
+    v = info["versions"]
+    ratio = info["compression_ratio"]
+    lines = [
+        f"checkpoint   {info['path']}",
+        f"step         {info['step'] if info['step'] is not None else '(not recorded)'}",
+        f"world size   {info['world_size']} (at save)",
+        f"created      {info['created']}",
+        f"versions     format {info['format_version']}, shardckpt {v.get('shardckpt')}, "
+        f"torch {v.get('torch')}, cuda {v.get('cuda')}, codec {v.get('codec_path')}",
+        f"codec        {info['codec'].get('compression')} level {info['codec'].get('level')}, "
+        f"blocks of {_human(info['codec'].get('block_size', 0))}",
+        f"size         {_human(info['bytes_logical'])} logical, {_human(info['bytes_on_disk'])} "
+        f"on disk" + (f" (ratio {ratio:.2f}x)" if ratio else ""),
+        f"keys         {info['n_tensors']} tensors, {info['n_objects']} objects",
+        "files per rank:",
+    ]
+    for r in info["ranks"]:
+        lines.append(f"  rank {r['rank']:>4}: {len(r['files'])} file(s), {_human(r['bytes'])}")
+    lines.append("keys:")
+    prev: list[str] = []
+    keys = info["keys"] if max_keys is None else info["keys"][:max_keys]
+    for k in keys:
+        parts = k["key"].split(".")
+        # Print each new group heading once, then the leaf indented under it.
+        common = 0
+        while common < min(len(prev), len(parts) - 1) and prev[common] == parts[common]:
+            common += 1
+        for d in range(common, len(parts) - 1):
+            lines.append("  " + "  " * d + parts[d] + "/")
+        prev = parts[:-1]
+        pad = "  " + "  " * (len(parts) - 1)
+        if k["kind"] == "tensor":
+            desc = (f"{str(k['shape']):<18} {k['dtype']:<9} {_human(k['bytes']):>10}  "
+                    f"{k['shards']} shard{'s' if k['shards'] != 1 else ''}")
+        else:
+            desc = f"{'object':<28} {_human(k['bytes']):>10}"
+        lines.append(f"{pad}{parts[-1]:<{max(1, 40 - len(pad))}} {desc}")
+    if max_keys is not None and len(info["keys"]) > max_keys:
+        lines.append(f"  ... {len(info['keys']) - max_keys} more keys (use --json for all)")
+    return "\n".join(lines)
