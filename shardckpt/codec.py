@@ -242,6 +242,21 @@ def pool(threads: int | None = None) -> ThreadPoolExecutor:
         return p
 
 
+_item_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def item_pool(threads: int) -> ThreadPoolExecutor:
+    """Workers that encode whole items concurrently (separate from `pool`, which the
+    Python path uses inside one item, so nested waits cannot deadlock)."""
+    with _pool_lock:
+        p = _item_pools.get(threads)
+        if p is None:
+            p = _item_pools[threads] = ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix="shardckpt-items",
+                initializer=lower_thread_priority)
+        return p
+
+
 def encode_buffer(raw: memoryview, group: int, cfg: CodecConfig,
                   threads: int | None = None) -> list[tuple[bytes, list]]:
     """Cut raw bytes into blocks and encode them in parallel, in order."""

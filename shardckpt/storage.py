@@ -18,7 +18,9 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future as Future_
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,17 +140,44 @@ class DataFileWriter:
 
     def append(self, raw: memoryview, group: int) -> dict[str, Any]:
         """Encode and queue one item; returns its storage record (offset, blocks, ...)."""
+        return self._queue(codec.encode_buffer(raw, group, self.cfg, self.threads), len(raw))
+
+    def append_many(self, items: Iterable[tuple[memoryview, int]]) -> list[dict[str, Any]]:
+        """Encode several items at once (small ones in parallel), write them in order.
+
+        A model has many tensors smaller than a block; encoded one after another
+        they would use one core. `items` is consumed lazily, a bounded window ahead.
+        """
+        threads = self.threads or codec.default_threads()
+        ex = codec.item_pool(threads)
+        window: deque[tuple[int, Future_]] = deque()
+        ahead = 0
+        out: list[dict[str, Any]] = []
+        for raw, group in items:
+            inner = 1 if len(raw) <= self.cfg.block_size else threads
+            window.append((len(raw), ex.submit(codec.encode_buffer, raw, group, self.cfg, inner)))
+            ahead += len(raw)
+            while len(window) > 2 * threads or ahead > _WRITE_QUEUE_BYTES:
+                n, fut = window.popleft()
+                ahead -= n
+                out.append(self._queue(fut.result(), n))
+        while window:
+            n, fut = window.popleft()
+            out.append(self._queue(fut.result(), n))
+        return out
+
+    def _queue(self, blocks: list[tuple[bytes, list]], nbytes: int) -> dict[str, Any]:
         offset = self._queued
         recs = []
-        for stored, rec in codec.encode_buffer(raw, group, self.cfg, self.threads):
+        for stored, rec in blocks:
             self._budget.acquire()
             if self._err:
                 raise self._err[0]
             self._q.put(stored)
             self._queued += len(stored)
             recs.append(rec)
-        self.raw_bytes += len(raw)
-        return {"offset": offset, "length": self._queued - offset, "nbytes": len(raw),
+        self.raw_bytes += nbytes
+        return {"offset": offset, "length": self._queued - offset, "nbytes": nbytes,
                 "blocks": recs}
 
     def close(self) -> None:
@@ -242,16 +271,20 @@ class ShardWriter(StorageWriter):
             return []
         results: list[WriteResult] = []
         file_info: dict[str, Any] = {"file": rel, "rank": info.rank}
-        with DataFileWriter(os.path.join(info.staging, rel), self.cfg, self.threads) as out:
+        def payloads() -> Iterator[tuple[memoryview, int]]:
             for item in plan.items:
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
-                    sd = out.append(memoryview(data.getbuffer()).cast("B"), 1)
+                    yield memoryview(data.getbuffer()).cast("B"), 1
                 else:
-                    sd = out.append(tensor_bytes(data), fmt.group_size(data.dtype))
-                sd.update(file=rel, fileinfo=file_info)
-                results.append(WriteResult(index=item.index, size_in_bytes=sd["length"],
-                                           storage_data=sd))
+                    yield tensor_bytes(data), fmt.group_size(data.dtype)
+
+        with DataFileWriter(os.path.join(info.staging, rel), self.cfg, self.threads) as out:
+            records = out.append_many(payloads())
+        for item, sd in zip(plan.items, records):
+            sd.update(file=rel, fileinfo=file_info)
+            results.append(WriteResult(index=item.index, size_in_bytes=sd["length"],
+                                       storage_data=sd))
         file_info["size"], file_info["crc32"] = out.size, out.crc
         dt = time.perf_counter() - t0
         self.stats = {"rank": info.rank, "bytes_raw": out.raw_bytes, "bytes_written": out.size,
