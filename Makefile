@@ -5,16 +5,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardckpt-installed
 PYTEST_WORKERS ?= 2
+# On a machine whose system Python already has a (CUDA) torch: VENV_FLAGS=--system-site-packages
+VENV_FLAGS ?=
 
 .PHONY: setup demo test lint bench clean
 
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv $(VENV_FLAGS) $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml $(wildcard setup.py) $(wildcard csrc/*.cpp csrc/*.h)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.6"
+	$(BIN)/pip install -q "setuptools>=64" wheel
+	# torch first and pinned (an unpinned one would pull a multi-GB CUDA build),
+	# unless the venv already sees one.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -c "import shardckpt.codec as c; print('shardckpt codec path:', c.active_path())"
 	touch $(STAMP)
@@ -26,6 +29,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -ra tests
+
+bench: setup
+	$(BIN)/pip install -q --no-build-isolation -e ".[bench]"
+	$(BIN)/python benchmarks/save_load.py --drop-caches --out bench_out/save_load.json
+	$(BIN)/python benchmarks/async_stall.py --out bench_out/async_stall.json
+	$(BIN)/python benchmarks/codec.py --out bench_out/codec.json
 
 lint: setup
 	$(BIN)/ruff check shardckpt tests benchmarks examples scripts

@@ -52,10 +52,16 @@ def _warn_python_once() -> None:
 
 
 def _usable_cpus() -> int:
+    """CPUs this process may use, shared with the other ranks torchrun put on this node."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local > 1 and n >= os.cpu_count():
+        # Affinity not set per rank: every rank sees all CPUs; split them.
+        n //= local
+    return max(1, n)
 
 
 def default_threads() -> int:
