@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import shutil
+import uuid
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -24,13 +26,28 @@ def fsync_dir(path: str) -> None:
 
 def write_file_durable(path: str, data: bytes) -> None:
     """Write via a temporary name, fsync, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def dir_size(path: str) -> int:
+    """Bytes of the files below `path` (files vanishing meanwhile count as 0)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
 
 
 def _renameat2_exchange(a: str, b: str) -> bool:

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .fsutil import fsync_dir
+from .fsutil import dir_size, fsync_dir
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -61,17 +61,6 @@ class GcReport:
         lines += [f"  {verb} {os.path.basename(a.path)} ({a.reason})" for a in self.removed]
         lines += [f"  kept {n} ({why})" for n, why in self.kept]
         return "\n".join(lines)
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
 
 
 def _partial_owner_alive(path: str) -> bool:
@@ -156,7 +145,7 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
             report.kept.append((e, "a save in progress (its process is alive)"))
             continue
         what = ("uncommitted save of " if kind == "partial" else "replaced copy of ") + name
-        actions.append(GcAction(p, kind, what, _dir_size(p)))
+        actions.append(GcAction(p, kind, what, dir_size(p)))
     for a in actions:
         if not dry_run:
             if a.kind == "checkpoint":

@@ -54,7 +54,7 @@ from .errors import (
     ShardckptError,
     UnsupportedFormatError,
 )
-from .fsutil import fsync_dir
+from .fsutil import dir_size, fsync_dir, write_file_durable
 from .verify import verify as _verify
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "retained_steps"]
@@ -138,17 +138,6 @@ def _metric_value(metrics: dict[str, Any], metric: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) else v
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
 
 
 def _pid_alive(pid: int) -> bool:
@@ -402,7 +391,7 @@ class CheckpointManager:
                 problem = str(e)
                 created = os.path.getmtime(path)
             out.append(CheckpointInfo(
-                step=step, name=name, path=path, time=created, size_bytes=_dir_size(path),
+                step=step, name=name, path=path, time=created, size_bytes=dir_size(path),
                 metrics=metrics, pointers=tuple(k for k, v in sorted(ptrs.items()) if v == name),
                 problem=problem))
         out.sort(key=lambda i: i.step)
@@ -867,17 +856,4 @@ def parse_leftover_in_root(entry: str) -> tuple[str, str] | None:
 
 def write_pointer(path: str, payload: dict) -> None:
     """Durable atomic small-file write: temp file, fsync, rename, fsync of the directory."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(payload, sort_keys=True).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(os.path.dirname(path))
+    write_file_durable(path, json.dumps(payload, sort_keys=True).encode())

@@ -23,6 +23,7 @@ import shardckpt
 from shardckpt import commit, storage
 from shardckpt import format as fmt
 from shardckpt import manager as manager_mod
+from shardckpt.fsutil import dir_size
 from shardckpt.manager import BEST_POINTER, LATEST_POINTER, CheckpointManager
 
 from . import workers_manager as W
@@ -270,7 +271,7 @@ def test_space_precheck_frees_by_retention_or_refuses(tmp_path, monkeypatch):
     cap = 3 * size + size // 5  # a pretend disk: room for three checkpoints and a bit
 
     def usage(path):
-        used = sum(manager_mod._dir_size(str(p)) for p in tmp_path.iterdir())
+        used = sum(dir_size(str(p)) for p in tmp_path.iterdir())
         return real(path)._replace(total=cap, used=used, free=cap - used)
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
