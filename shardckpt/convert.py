@@ -40,7 +40,7 @@ _ST_PLANNER = "shardckpt.planner_data"
 _ST_USER = "shardckpt.user_metadata"
 # Tensors above this are exported to DCP as several row chunks, so that neither
 # the writer nor a later loader needs one huge buffer.
-DCP_CHUNK_BYTES = 64 << 20
+DCP_CHUNK_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------- sources
