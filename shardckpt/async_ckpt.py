@@ -59,6 +59,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def staged_bytes(tree: Any) -> int:
+    """Arena bytes needed to stage `tree` (each tensor aligned)."""
+    return sum((_nbytes(t) + _ALIGN - 1) // _ALIGN * _ALIGN for t in _tensors(tree))
+
+
 class StagingPool:
     """One host arena reused by every save; grows only when a larger state arrives."""
 
@@ -67,16 +72,15 @@ class StagingPool:
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.arena: torch.Tensor | None = None
         self.allocations = 0  # how many times host memory was (re)allocated
-        self.overflow_bytes = 0  # bytes of the last save that did not fit under the cap
-        self._warned = False
 
     @property
     def capacity(self) -> int:
         return 0 if self.arena is None else self.arena.numel()
 
+    def fits(self, tree: Any) -> bool:
+        return self.cap_bytes is None or staged_bytes(tree) <= self.cap_bytes
+
     def _ensure(self, need: int) -> None:
-        if self.cap_bytes is not None:
-            need = min(need, self.cap_bytes)
         if need <= self.capacity:
             return
         arena = torch.empty(need, dtype=torch.uint8)
@@ -86,12 +90,9 @@ class StagingPool:
         self.allocations += 1
 
     def stage(self, tree: Any) -> Any:
-        """A copy of `tree` whose tensors live in the arena (or, past the cap, in fresh memory)."""
-        sizes = [_nbytes(t) for t in _tensors(tree)]
-        total = sum((s + _ALIGN - 1) // _ALIGN * _ALIGN for s in sizes)
-        self._ensure(total)
+        """A copy of `tree` whose tensors live in the arena (the caller checked `fits`)."""
+        self._ensure(staged_bytes(tree))
         state = {"off": 0, "cuda": False}
-        self.overflow_bytes = 0
 
         def copy(t: torch.Tensor) -> torch.Tensor:
             n = _nbytes(t)
@@ -100,14 +101,6 @@ class StagingPool:
                 state["cuda"] = True
             if n == 0:
                 return torch.empty(t.shape, dtype=t.dtype)
-            if off + n > self.capacity:
-                # Over the cap: still a real snapshot, in memory outside the pool.
-                self.overflow_bytes += n
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(f"shardckpt: state exceeds the staging cap ({self.cap_bytes} "
-                                  f"bytes); the rest is copied to unpooled memory", stacklevel=4)
-                return t.detach().to("cpu", copy=True)
             state["off"] = off + (n + _ALIGN - 1) // _ALIGN * _ALIGN
             dst = self.arena[off:off + n].view(t.dtype).view(t.shape)
             dst.copy_(t.detach(), non_blocking=t.is_cuda)
@@ -227,6 +220,10 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     group = _saver.group_for(process_group)
     # Stateful objects are asked for their state now: the snapshot is of this moment.
     flat = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state.items()}
+    if not pool.fits(flat):
+        # Bigger than the host memory we may hold: stream it through the writer
+        # while the caller waits. It costs stall time, never memory or the save.
+        return _save_blocking(flat, path, group, pool, save_kwargs, t0)
     staged = pool.stage(flat)
     handle = AsyncSaveHandle(path, time.perf_counter() - t0)
 
@@ -248,6 +245,22 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     with _saver.lock:
         _saver.inflight.append((handle, pool))
     th.start()
+    return handle
+
+
+def _save_blocking(flat: dict, path: str, group: Any, pool: StagingPool, save_kwargs: dict,
+                   t0: float) -> AsyncSaveHandle:
+    warnings.warn(f"shardckpt: state ({staged_bytes(flat)} bytes) exceeds staging_cap_bytes "
+                  f"({pool.cap_bytes}); this save runs while the caller waits", stacklevel=3)
+    handle = AsyncSaveHandle(path, 0.0)
+    try:
+        api.save(flat, path, process_group=group, **save_kwargs)
+    except BaseException as e:  # noqa: BLE001 - same contract as a background failure
+        handle._error = e
+    handle.stall_s = handle.total_s = time.perf_counter() - t0
+    handle._done.set()
+    with _saver.lock:
+        _saver.inflight.append((handle, pool))
     return handle
 
 

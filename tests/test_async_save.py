@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.async_ckpt import StagingPool, staging_stats
+from shardckpt.async_ckpt import staging_stats
 
 from . import workers_async as W
 from ._dist import run_world
@@ -47,15 +47,20 @@ def test_pool_is_reused_across_saves(tmp_path):
     assert torch.equal(t["w"], w)
 
 
-def test_state_over_the_cap_still_saves_exactly():
-    pool = StagingPool(cap_bytes=4096)
+def test_state_over_the_cap_still_saves_exactly(tmp_path):
+    cap = 4096
     tree = {"a": torch.arange(512, dtype=torch.float32), "b": torch.arange(2000.0)}
-    staged = pool.stage(tree)
+    before = staging_stats()["allocations"]
+    with pytest.warns(UserWarning, match="exceeds staging_cap_bytes"):
+        h = shardckpt.async_save(tree, tmp_path / "big", staging_cap_bytes=cap)
+    assert h.done() and h.stall_s == h.total_s  # streamed while the caller waited
     tree["a"].zero_()
-    tree["b"].zero_()
-    assert torch.equal(staged["a"], torch.arange(512, dtype=torch.float32))
-    assert torch.equal(staged["b"], torch.arange(2000.0))
-    assert pool.capacity <= 4096 and pool.overflow_bytes == 8000
+    h.wait()
+    t = {"a": torch.zeros(512), "b": torch.zeros(2000)}
+    shardckpt.load(t, tmp_path / "big")
+    assert torch.equal(t["a"], torch.arange(512, dtype=torch.float32))
+    assert torch.equal(t["b"], torch.arange(2000.0))
+    assert staging_stats()["allocations"] == before  # no host memory taken for it
 
 
 def test_background_error_surfaces_at_wait_and_next_save(tmp_path):
