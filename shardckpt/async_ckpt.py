@@ -186,6 +186,10 @@ class _Saver:
             except BaseException as e:  # noqa: BLE001 - reported, exit goes on
                 if not handle._reported:
                     print(f"shardckpt: async save to {handle.path} failed: {e}", file=sys.stderr)
+            # The thread must be gone, not just done: a daemon thread still unwinding
+            # while the interpreter tears down C++ state can abort the process.
+            if handle._thread is not None:
+                handle._thread.join()
 
 
 _saver = _Saver()
