@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import (
@@ -138,6 +139,44 @@ def blocks_for_range(blocks: list[Block], start: int, end: int) -> list[Block]:
     if end <= start:
         return []
     return [b for b in blocks if b.raw_start < end and b.raw_start + b.raw_len > start]
+
+
+def box_runs(offsets: list[int], lengths: list[int], sizes: list[int]) -> tuple[np.ndarray, int]:
+    """Element offsets of the contiguous runs of a box inside a row-major chunk, and
+    the run length. A box cut along an inner dimension is many short runs; reading
+    only the blocks under them keeps such reads from fetching the rows in between."""
+    strides = [1] * len(sizes)
+    for i in range(len(sizes) - 2, -1, -1):
+        strides[i] = strides[i + 1] * sizes[i + 1]
+    k = len(sizes) - 1
+    while k >= 0 and lengths[k] == sizes[k]:
+        k -= 1
+    base = sum(o * s for o, s in zip(offsets, strides))
+    n_runs = int(np.prod(lengths[:k])) if k > 0 else 1
+    if k <= 0 or n_runs > _MAX_RUNS:
+        # One contiguous span (or too many runs to list: take the span).
+        last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides))
+        return np.array([base], dtype=np.int64), last + 1 - base
+    grid = np.zeros(1, dtype=np.int64)
+    for d in range(k):
+        grid = (grid[:, None] + np.arange(lengths[d], dtype=np.int64) * strides[d]).ravel()
+    return grid + base, lengths[k] * strides[k]
+
+
+_MAX_RUNS = 1 << 20
+
+
+def blocks_for_runs(blocks: list[Block], starts: np.ndarray, length: int) -> list[Block]:
+    """The blocks that cover raw bytes [s, s + length) for every s in `starts`."""
+    if not blocks or length <= 0 or not len(starts):
+        return []
+    raw_starts = np.fromiter((b.raw_start for b in blocks), dtype=np.int64, count=len(blocks))
+    first = np.searchsorted(raw_starts, starts, side="right") - 1
+    last = np.searchsorted(raw_starts, starts + (length - 1), side="right") - 1
+    mark = np.zeros(len(blocks) + 1, dtype=np.int64)
+    np.add.at(mark, first, 1)
+    np.add.at(mark, last + 1, -1)
+    return [blocks[i] for i in np.flatnonzero(np.cumsum(mark)[:-1] > 0)]
 
 
 def coalesce(blocks: list[Block]) -> list[tuple[int, int, list[Block]]]:

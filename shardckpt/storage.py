@@ -561,7 +561,14 @@ class ShardReader(StorageReader):
         live = [s for s in spans if s is not None]
         if not live:
             return [None] * len(boxes)
-        buf, base = self._read_spans(sd, live, min(s[0] for s in live), max(s[1] for s in live))
+        blocks = fmt.item_blocks(sd)
+        need: dict[int, fmt.Block] = {}
+        for (so, ln), span in zip(boxes, spans):
+            if span is not None:
+                starts, run = fmt.box_runs(list(so), list(ln), list(sd["sizes"]))
+                for b in fmt.blocks_for_runs(blocks, starts * esize, run * esize):
+                    need[b.offset] = b
+        buf, base = self._read_blocks(sd, blocks, list(need.values()))
         out: list[torch.Tensor | None] = []
         for (_, ln), span in zip(boxes, spans):
             if span is None:
@@ -628,7 +635,13 @@ class ShardReader(StorageReader):
         for s, e in spans:
             for b in fmt.blocks_for_range(blocks, s, e):
                 need[b.offset] = b
-        chosen = sorted(need.values(), key=lambda b: b.raw_start)
+        return self._read_blocks(sd, blocks, list(need.values()), out, lo)
+
+    def _read_blocks(self, sd: dict, blocks: list[fmt.Block], wanted: list[fmt.Block],
+                     out: torch.Tensor | None = None, lo: int = 0) -> tuple[torch.Tensor, int]:
+        """Read, verify and decode `wanted` blocks of an item; the buffer spans from the
+        first to the last of them (bytes of blocks not wanted stay unset)."""
+        chosen = sorted(wanted, key=lambda b: b.raw_start)
         if not chosen:
             return torch.empty(0, dtype=torch.uint8), lo
         if out is None:

@@ -256,3 +256,19 @@ def test_key_remapping_on_load(tmp_path):
     st = {"model": {"W": torch.zeros(3), "b": torch.ones(2)}}
     shardckpt.load(st, path, rename={r"module\.(_orig_mod\.)?": "", r"\.w$": ".W"})
     assert torch.equal(st["model"]["W"], torch.ones(3))
+
+
+def test_inner_dimension_slices_read_only_their_blocks(tmp_path):
+    # A box cut along dim 1 is 64 short runs; only the blocks under them are read.
+    x = torch.randn(64, 4096)
+    shardckpt.save({"x": x}, tmp_path / "ck", compression="none", block_size=4096)
+    r = shardckpt.ShardReader(tmp_path / "ck")
+    got = r.read_region("x", [0, 1024], [64, 1024])
+    assert torch.equal(got, x[:, 1024:2048])
+    assert r.bytes_read == 64 * 4096  # one 4 KiB block per row, not the whole 1 MiB span
+    y = torch.randn(6, 10, 20)
+    shardckpt.save({"y": y}, tmp_path / "c2", compression="none", block_size=64)
+    r2 = shardckpt.ShardReader(tmp_path / "c2")
+    assert torch.equal(r2.read_region("y", [1, 3, 5], [4, 5, 7]), y[1:5, 3:8, 5:12])
+    assert torch.equal(r2.read_region("y", [0, 0, 0], [6, 10, 1]), y[:, :, :1])
+    assert torch.equal(r2.read_region("y", [2, 0, 0], [1, 10, 20]), y[2:3])
