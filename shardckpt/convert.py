@@ -28,6 +28,7 @@ from .reshard import (
     ShardSource,
     Source,
     iter_slabs,
+    renamed_entries,
     tensor_bytes,
     write_checkpoint,
 )
@@ -237,20 +238,6 @@ def make_key_map(strip_prefix: Sequence[str] = (),
     return fn
 
 
-def _renamed(src: Source, key_map: Callable[[str], str] | None) -> list[tuple[str, Entry]]:
-    out, seen = [], {}
-    for k, e in src.entries.items():
-        nk = key_map(k) if key_map else k
-        if not nk:
-            continue
-        if nk in seen:
-            raise ValueError(f"keys {seen[nk]!r} and {k!r} both map to {nk!r}; "
-                             f"fix --rename / --strip-prefix")
-        seen[nk] = k
-        out.append((nk, e))
-    return out
-
-
 def _mapping(src: Source, key_map: Callable[[str], str] | None, old: str, new: str) -> tuple:
     if key_map is None and src.planner_data and old in src.planner_data:
         return tuple(src.planner_data[old])
@@ -266,7 +253,7 @@ def _to_torch(src: Source, dst: str, key_map: Callable[[str], str] | None,
 
     flat: dict[str, Any] = {}
     mappings: dict[str, tuple] = {}
-    for nk, e in _renamed(src, key_map):
+    for nk, e in renamed_entries(src, key_map):
         if e.kind == "tensor":
             t = src.read_rows(e.key).clone()
             flat[nk] = t
@@ -292,7 +279,7 @@ def _to_safetensors(src: Source, dst: str, key_map: Callable[[str], str] | None,
     specs, objects, skipped = [], {}, []
     by_new: dict[str, Entry] = {}
     planner: dict[str, list] = {}
-    for nk, e in _renamed(src, key_map):
+    for nk, e in renamed_entries(src, key_map):
         planner[nk] = list(_mapping(src, key_map, e.key, nk))
         if e.kind == "tensor":
             specs.append((nk, e.dtype, e.shape))
@@ -342,7 +329,7 @@ def _to_dcp(src: Source, dst: str, key_map: Callable[[str], str] | None,
     flat: dict[str, Any] = {}
     mappings: dict[str, tuple] = {}
     entries: dict[str, Entry] = {}
-    for nk, e in _renamed(src, key_map):
+    for nk, e in renamed_entries(src, key_map):
         entries[nk] = e
         # Tensors are meta placeholders: only shapes and dtypes until DCP asks.
         flat[nk] = (torch.empty(e.shape, dtype=e.dtype, device="meta") if e.kind == "tensor"

@@ -224,17 +224,9 @@ def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
         compression=compression or sc.get("compression", "zstd"),
         level=level if level is not None else sc.get("level", 1),
         block_size=block_size or sc.get("block_size", fmt.DEFAULT_BLOCK_SIZE))
-    renamed: dict[str, Entry] = {}
-    origin: dict[str, str] = {}
-    for k, e in src.entries.items():
-        nk = key_map(k) if key_map else k
-        if not nk:
-            continue
-        if nk in renamed:
-            raise ValueError(f"keys {origin[nk]!r} and {k!r} both map to {nk!r}; "
-                             f"fix --rename / --strip-prefix")
-        renamed[nk] = Entry(nk, e.kind, e.dtype, e.shape, e.requires_grad)
-        origin[nk] = k
+    pairs = renamed_entries(src, key_map)
+    renamed = {nk: Entry(nk, e.kind, e.dtype, e.shape, e.requires_grad) for nk, e in pairs}
+    origin = {nk: e.key for nk, e in pairs}
     plan = _plan(list(renamed.values()), world_size, min_split_bytes)
 
     staging = begin_staging(dst, overwrite=overwrite, save_id=uuid.uuid4().hex,
@@ -298,6 +290,21 @@ def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
     except BaseException:
         abort_staging(staging)
         raise
+
+
+def renamed_entries(src: Source, key_map: Callable[[str], str] | None) -> list[tuple[str, Entry]]:
+    """(new key, source entry) pairs after key mapping; collisions are an error."""
+    out, seen = [], {}
+    for k, e in src.entries.items():
+        nk = key_map(k) if key_map else k
+        if not nk:
+            continue
+        if nk in seen:
+            raise ValueError(f"keys {seen[nk]!r} and {k!r} both map to {nk!r}; "
+                             f"fix --rename / --strip-prefix")
+        seen[nk] = k
+        out.append((nk, e))
+    return out
 
 
 def reshard(src: str | os.PathLike, dst: str | os.PathLike, world_size: int, *,
