@@ -222,7 +222,6 @@ class ShardWriter(StorageWriter):
         self.save_id = uuid.uuid4().hex
         self._plans: list[SavePlan] = []
         self._staging: str | None = None
-        self.stats: dict[str, Any] = {}
 
     # -- StorageWriter protocol
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -287,8 +286,6 @@ class ShardWriter(StorageWriter):
                                        storage_data=sd))
         file_info["size"], file_info["crc32"] = out.size, out.crc
         dt = time.perf_counter() - t0
-        self.stats = {"rank": info.rank, "bytes_raw": out.raw_bytes, "bytes_written": out.size,
-                      "seconds": dt, "codec_path": codec.active_path()}
         log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
                   out.size, dt)
         return results
@@ -453,14 +450,12 @@ class ShardReader(StorageReader):
         self.storage_data: dict[MetadataIndex, dict] = {}
         self.load_id = uuid.uuid4().hex
         self.bytes_read = 0
-        self.bytes_needed = 0
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
         self.manifest = None
         self.bytes_read = 0
-        self.bytes_needed = 0
         self.load_id = uuid.uuid4().hex
 
     @classmethod
@@ -504,16 +499,12 @@ class ShardReader(StorageReader):
                     f"{self.path}: manifest has no stored data for {idx.fqn!r} at {idx.offset}",
                     path=self.path, tensor=idx.fqn)
             if ris[0].type == torch.distributed.checkpoint.planner.LoadItemType.BYTE_IO:
-                raw = self._read_range(sd, 0, sd["nbytes"])
-                value = safe_torch_load(io.BytesIO(raw.numpy().tobytes()), path=self.path,
-                                        key=idx.fqn)
+                data = self._read_range(sd, 0, sd["nbytes"]).numpy().tobytes()
+                # Checked here under weights_only, so that a planner with laxer rules
+                # (plain dcp.load) never unpickles anything arbitrary.
+                safe_torch_load(io.BytesIO(data), path=self.path, key=idx.fqn)
                 for ri in ris:
-                    # Hand the planner a fresh stream; it unpickles again under its own
-                    # rules, which is safe because the bytes just passed weights_only.
-                    buf = io.BytesIO()
-                    torch.save(value, buf)
-                    buf.seek(0)
-                    planner.load_bytes(ri, buf)
+                    planner.load_bytes(ri, io.BytesIO(data))
                 continue
             self._read_tensor_item(sd, ris, planner)
 
@@ -541,7 +532,7 @@ class ShardReader(StorageReader):
                 or list(target.shape) != list(sd["sizes"])):
             return False
         raw = target.reshape(-1).view(torch.uint8)
-        self._read_spans(sd, [(0, sd["nbytes"])], 0, sd["nbytes"], out=raw)
+        self._read_span(sd, 0, sd["nbytes"], out=raw)
         planner.commit_tensor(ri, target)
         return True
 
@@ -621,21 +612,15 @@ class ShardReader(StorageReader):
         return safe_torch_load(io.BytesIO(raw.numpy().tobytes()), path=self.path, key=fqn)
 
     def _read_range(self, sd: dict, start: int, end: int) -> torch.Tensor:
-        buf, base = self._read_spans(sd, [(start, end)], start, end)
+        buf, base = self._read_span(sd, start, end)
         return buf[start - base:end - base]
 
-    def _read_spans(self, sd: dict, spans: list[tuple[int, int]], lo: int, hi: int,
-                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Decode the blocks covering `spans`; returns (buffer, raw offset of buffer[0]).
-
-        `out`, if given, is a uint8 buffer for the whole item to decode into.
-        """
+    def _read_span(self, sd: dict, start: int, end: int,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Decode the blocks covering raw bytes [start, end) of an item; returns (buffer,
+        raw offset of buffer[0]). `out`, if given, is a uint8 buffer for the whole item."""
         blocks = fmt.item_blocks(sd)
-        need: dict[int, fmt.Block] = {}
-        for s, e in spans:
-            for b in fmt.blocks_for_range(blocks, s, e):
-                need[b.offset] = b
-        return self._read_blocks(sd, blocks, list(need.values()), out, lo)
+        return self._read_blocks(sd, blocks, fmt.blocks_for_range(blocks, start, end), out, start)
 
     def _read_blocks(self, sd: dict, blocks: list[fmt.Block], wanted: list[fmt.Block],
                      out: torch.Tensor | None = None, lo: int = 0) -> tuple[torch.Tensor, int]:
@@ -665,7 +650,6 @@ class ShardReader(StorageReader):
             for off, length, run in fmt.coalesce(chosen):
                 data = os.pread(fd, length, off)
                 self.bytes_read += len(data)
-                self.bytes_needed += sum(b.stored_len for b in run)
                 first = run[0]
                 raw_end = run[-1].raw_start + run[-1].raw_len
                 # Blocks of one run are consecutive blocks of one item: one batch call
