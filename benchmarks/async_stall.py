@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import shardckpt  # noqa: E402
 from shardckpt import codec  # noqa: E402
-from shardckpt.async_ckpt import staging_stats  # noqa: E402
+from shardckpt.async_save import staging_stats  # noqa: E402
 
 
 def make_state(size_gb: float, device: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .api import load, save
+from .async_save import AsyncSaveHandle, async_save  # eager: the submodule shares the name
+from .dcp import ShardReader, ShardWriter
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -29,21 +31,22 @@ from .errors import (
     UnsafeObjectError,
     UnsupportedFormatError,
 )
-from .storage import ShardReader, ShardWriter
-from .verify import VerifyReport, verify
+from .tools.verify import VerifyReport, verify
 
 # Heavier pieces load on first use, so `import shardckpt` stays cheap.
 _LAZY = {
-    "TrainState": ".train_state",
-    "set_seed": ".seed",
-    "seed_worker": ".seed",
-    "make_generator": ".seed",
-    "RestoreMismatchError": ".train_state",
-    "ResumableLoader": ".data_position",
-    "ZeroOptimizerState": ".zero",
+    "TrainState": ".training.train_state",
+    "set_seed": ".training.seed",
+    "seed_worker": ".training.seed",
+    "make_generator": ".training.seed",
+    "RestoreMismatchError": ".training.train_state",
+    "ResumableLoader": ".training.data_position",
+    "ZeroOptimizerState": ".training.zero",
     "CheckpointManager": ".manager",
-    "async_save": ".async_ckpt",
-    "AsyncSaveHandle": ".async_ckpt",
+    "CheckpointInfo": ".manager",
+    "list_checkpoints": ".manager",
+    "latest": ".manager",
+
 }
 
 
@@ -55,7 +58,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "__version__", "save", "load", "verify", "VerifyReport", "ShardReader", "ShardWriter",
+    "__version__", "save", "load", "async_save", "AsyncSaveHandle", "verify", "VerifyReport", "ShardReader", "ShardWriter",
     *_LAZY,
     "ShardckptError", "CheckpointNotFoundError", "NotACheckpointError",
     "IncompleteCheckpointError", "CorruptCheckpointError", "StateMismatchError",

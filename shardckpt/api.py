@@ -13,13 +13,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from . import codec
 from . import format as fmt
+from .dcp import SafeLoadPlanner, ShardReader, ShardWriter
 from .errors import ShardckptError
-from .planner import SafeLoadPlanner
-from .storage import ShardReader, ShardWriter, key_mapper
+from .format.keys import key_mapper
+from .io.reader import CheckpointReader
 
 
 @contextmanager
-def _quiet_no_dist() -> Iterator[None]:
+def quiet_no_dist() -> Iterator[None]:
     # DCP warns on every single-process call; for shardckpt that is a supported mode.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -58,7 +59,7 @@ def save(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any =
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
                          threads=threads, overwrite=overwrite, user_metadata=metadata)
     try:
-        with _quiet_no_dist():
+        with quiet_no_dist():
             dcp.save(state, storage_writer=writer, process_group=process_group)
     except BaseException as e:
         writer.abort()
@@ -81,20 +82,30 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any =
     """
     if threads is None:
         threads = codec.blocking_threads()  # the caller waits for the load: use every CPU
-    reader = ShardReader(path, threads=threads, verify=verify,
-                         key_map=key_mapper(strip_prefix, rename))
-    manifest = reader._ensure_manifest()  # typed errors before any collective starts
-    keys = [*manifest["tensors"], *manifest["objects"]]
+    # Opened once, with typed errors before any collective starts.
+    ckpt = CheckpointReader(path, threads=threads, verify=verify,
+                            key_map=key_mapper(strip_prefix, rename))
+    try:
+        load_open(state, ckpt, process_group=process_group, strict=strict)
+    finally:
+        ckpt.close()
+
+
+def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: Any = None,
+              strict: bool = True) -> None:
+    """`load` from a checkpoint the caller has opened (the manager opens it once)."""
+    keys = ckpt.manifest.keys()
     for value in state.values():
         # Objects with rank-private keys (TrainState) learn which ranks were saved,
         # so ranks added since then do not ask for keys that do not exist.
         prepare = getattr(value, "prepare_load", None)
         if callable(prepare):
             prepare(keys)
-    planner = SafeLoadPlanner(strict=strict, path=os.fspath(path))
+    planner = SafeLoadPlanner(strict=strict, path=ckpt.path)
     try:
-        with _quiet_no_dist():
-            dcp.load(state, storage_reader=reader, planner=planner, process_group=process_group)
+        with quiet_no_dist():
+            dcp.load(state, storage_reader=ShardReader(reader=ckpt), planner=planner,
+                     process_group=process_group)
     except CheckpointException as e:
         err = unwrap_checkpoint_exception(e)
         if err is e:

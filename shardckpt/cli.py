@@ -68,7 +68,7 @@ def _progress(args: argparse.Namespace, total: int, desc: str) -> _Progress:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect_ckpt import format_inspect, inspect_checkpoint
+    from .tools.inspect import format_inspect, inspect_checkpoint
 
     info = inspect_checkpoint(args.path)
     if args.json:
@@ -79,7 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .tools.verify import verify
 
     report = verify(args.path, deep=args.deep, threads=args.threads, raise_on_error=False)
     if args.json:
@@ -95,7 +95,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit, audit_dict
+    from .tools.audit import audit, audit_dict
 
     rep = audit(args.path, prefix=args.prefix)
     print(json.dumps(audit_dict(rep), indent=2) if args.json else rep)
@@ -103,13 +103,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import check_model, diff_checkpoints, is_model_target
+    from .tools.diff import check_model, diff_checkpoints, is_model_target
 
     if is_model_target(args.b):
         rep: Any = check_model(args.a, args.b, prefix=args.prefix)
         print(rep)
         return EXIT_OK if rep.ok else EXIT_FAIL
-    from .convert import open_source
+    from .tools.sources import open_source
 
     with open_source(args.a) as s:
         total = sum(e.nbytes for e in s.entries.values())
@@ -123,7 +123,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from .reshard import ShardSource, reshard, total_bytes
+    from .tools.reshard import reshard, total_bytes
+    from .tools.sources import ShardSource
 
     with ShardSource(args.src) as s:
         total = total_bytes(s)
@@ -135,16 +136,17 @@ def cmd_reshard(args: argparse.Namespace) -> int:
                     on_progress=bar)
     finally:
         bar.close()
-    on_disk = sum(f["size"] for f in m["files"].values())
+    on_disk = sum(f.size for f in m.files.values())
     if not args.quiet:
-        print(f"{args.dst}: {len(m['tensors'])} tensors, {len(m['objects'])} objects in "
-              f"{len(m['files'])} files for world size {args.world_size}, "
+        print(f"{args.dst}: {len(m.tensors)} tensors, {len(m.objects)} objects in "
+              f"{len(m.files)} files for world size {args.world_size}, "
               f"{on_disk / 2**20:.1f} MiB on disk, {time.perf_counter() - t0:.1f}s")
     return EXIT_OK
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, open_source
+    from .tools.convert import convert
+    from .tools.sources import open_source
 
     with open_source(args.src, args.from_format) as s:
         total = sum(e.nbytes for e in s.entries.values())
@@ -168,7 +170,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .gc import gc, parse_age
+    from .tools.gc import gc, parse_age
 
     rep = gc(args.root, keep_last=args.keep_last, older_than=parse_age(args.older_than),
              dry_run=args.dry_run)
@@ -178,7 +180,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .quickbench import format_bench, run_bench
+    from .tools.bench import format_bench, run_bench
 
     r = run_bench(args.size_mb, directory=args.dir, threads=args.threads)
     print(json.dumps(r, indent=2) if args.json else format_bench(r))

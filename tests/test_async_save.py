@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.async_ckpt import staging_stats
+from shardckpt.async_save import staging_stats
 
 from . import workers_async as W
 from ._dist import run_world

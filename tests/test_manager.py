@@ -20,11 +20,13 @@ import torch
 import torch.multiprocessing as mp
 
 import shardckpt
-from shardckpt import commit, storage
 from shardckpt import format as fmt
-from shardckpt import manager as manager_mod
-from shardckpt.fsutil import dir_size
+from shardckpt.io import commit
+from shardckpt.io import data_writer as storage
+from shardckpt.io.fsutil import HOST, dir_size
+from shardckpt.io.reader import find_partials, read_manifest
 from shardckpt.manager import BEST_POINTER, LATEST_POINTER, CheckpointManager
+from shardckpt.manager import names as manager_mod  # READERS_DIR, pointer names
 
 from . import workers_manager as W
 from ._dist import _entry, free_port
@@ -96,7 +98,7 @@ def test_reader_lease_protects_and_stale_lease_is_ignored(tmp_path):
     readers = tmp_path / manager_mod.READERS_DIR
     readers.mkdir(exist_ok=True)
     (readers / f"{dead.pid}-x.json").write_text(json.dumps(
-        {"name": "step_00000002", "pid": dead.pid, "host": manager_mod._HOST,
+        {"name": "step_00000002", "pid": dead.pid, "host": HOST,
          "time": time.time()}))
     with mgr.lease(2):
         mgr.save(3, {"w": torch.ones(8)})
@@ -151,7 +153,7 @@ def test_kill9_during_save(tmp_path, point, expect):
         assert mgr.restore(state) == expect
     assert W.state_matches(state, expect)
     if point in ("data", "manifest"):
-        assert fmt.find_partials(str(root / "step_00000003"))
+        assert find_partials(str(root / "step_00000003"))
         assert any("step_00000003" in str(w.message) and "never committed" in str(w.message)
                    for w in caught)
     assert _pointer(root, LATEST_POINTER)["step"] == expect
@@ -341,7 +343,7 @@ def test_sigusr1_saves_at_step_boundary(tmp_path):
         assert _steps(tmp_path) == []
         assert mgr.step_boundary(5, state) is True
         assert mgr.preempted and _steps(tmp_path) == [5]
-        man = fmt.read_manifest(str(tmp_path / "step_00000005"))
+        man = read_manifest(str(tmp_path / "step_00000005")).to_json()
         assert man["user_metadata"]["manager"]["reason"] == "preemption"
     finally:
         mgr.close()

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import shardckpt
 from shardckpt import format as fmt
+from shardckpt.io.reader import find_partials
 
 from . import workers_storage as W
 from ._dist import _entry, free_port, run_world
@@ -117,7 +118,7 @@ def test_kill_one_rank_mid_write_keeps_previous_checkpoint(tmp_path):
                 os.kill(p.pid, signal.SIGKILL)
             p.join(10)
     assert not os.path.exists(bad)
-    leftovers = fmt.find_partials(bad)
+    leftovers = find_partials(bad)
     assert len(leftovers) == 1 and os.path.isfile(os.path.join(leftovers[0], fmt.PARTIAL_MARKER))
     with pytest.raises(shardckpt.IncompleteCheckpointError, match="never committed"):
         shardckpt.load({"w": torch.zeros(5000)}, bad)

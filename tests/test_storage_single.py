@@ -11,7 +11,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import shardckpt
+from shardckpt.format.manifest import content_checksum
 from shardckpt import format as fmt
+from shardckpt.io.reader import find_partials
 
 
 def _state(seed: int = 0) -> dict:
@@ -218,6 +220,7 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     obj.update(offset=start, length=len(payload), nbytes=len(payload),
                blocks=[[len(payload), len(payload), zlib.crc32(payload), "r"]])
     m["files"][obj["file"]]["size"] = os.path.getsize(f)
+    m["checksum"] = content_checksum(m)  # an attacker who edits the manifest can re-sum it
     open(os.path.join(path, "manifest.json"), "w").write(json.dumps(m))
     if os.path.exists("/tmp/shardckpt_pwned"):
         os.remove("/tmp/shardckpt_pwned")
@@ -237,7 +240,7 @@ def test_uncommitted_save_is_invisible_and_identifiable(tmp_path):
 
     w.prepare_global_plan([SavePlan([])])  # a save that starts and never commits
     assert not os.path.exists(path)
-    (leftover,) = fmt.find_partials(path)
+    (leftover,) = find_partials(path)
     assert fmt.parse_leftover(os.path.basename(leftover)) == ("ck", "partial")
     with pytest.raises(shardckpt.IncompleteCheckpointError, match="never committed"):
         shardckpt.load({"x": torch.zeros(1)}, path)

@@ -12,9 +12,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import shardckpt
-from shardckpt.data_position import ResumableLoader, resharded_indices
-from shardckpt.seed import derive_seed, make_generator, seed_worker, set_seed
-from shardckpt.train_state import RestoreMismatchError, TrainState, _rng_state, _set_rng_state
+from shardckpt.training.data_position import ResumableLoader, resharded_indices
+from shardckpt.training.seed import derive_seed, make_generator, seed_worker, set_seed
+from shardckpt.training.train_state import (
+    RestoreMismatchError,
+    TrainState,
+    _rng_state,
+    _set_rng_state,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*native codec extension not built.*")
 

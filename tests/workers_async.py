@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import shardckpt
-from shardckpt.async_ckpt import staging_stats
+from shardckpt.async_save import staging_stats
 
 
 def train_while_saving(rank: int, ws: int, root: str) -> dict:

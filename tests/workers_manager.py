@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 import shardckpt
-from shardckpt import commit, storage
-from shardckpt import manager as manager_mod
+from shardckpt.io import commit
+from shardckpt.io import data_writer as storage
+from shardckpt.manager import names as manager_mod
+from shardckpt.manager import pointers as pointers_mod
 
 
 class Box:
@@ -86,16 +88,16 @@ def kill_main(point: str, root: str, flag: str) -> None:
             assert os.path.isfile(os.path.join(a[0], "manifest.json"))
             _park(flag)
 
-        commit.publish_dir = publish
+        commit.publish = publish
     elif point == "pointer":  # renamed (committed) but `latest` still names step 2
-        real_wp = manager_mod.write_pointer
+        real_wp = pointers_mod.write_pointer
 
         def wp(path: str, payload: dict) -> None:
             if path.endswith(manager_mod.LATEST_POINTER) and payload.get("step") == 3:
                 _park(flag)
             real_wp(path, payload)
 
-        manager_mod.write_pointer = wp
+        pointers_mod.write_pointer = wp
     elif point == "retention":  # step 1 renamed to its trash name, rmtree under way
         real_rm = shutil.rmtree
 

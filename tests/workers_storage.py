@@ -17,8 +17,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import shardckpt
-from shardckpt.planner import SafeLoadPlanner
-from shardckpt.zero import ZeroOptimizerState
+from shardckpt.dcp.planner import SafeLoadPlanner
+from shardckpt.training.zero import ZeroOptimizerState
 
 
 def build_model(seed: int = 0, wide: int = 37) -> nn.Module:

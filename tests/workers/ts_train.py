@@ -25,8 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import shardckpt
-from shardckpt.seed import make_generator, seed_worker, set_seed
-from shardckpt.train_state import TrainState
+from shardckpt.training.seed import make_generator, seed_worker, set_seed
+from shardckpt.training.train_state import TrainState
 
 SEED = 1234
 

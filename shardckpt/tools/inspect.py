@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from . import format as fmt
+from ..format import dtype_from_name
+from ..io.reader import CheckpointReader
 
 
 def _human(n: float) -> str:
@@ -18,8 +19,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _step(manifest: dict) -> Any:
-    um = manifest.get("user_metadata") or {}
+def _step(um: dict) -> Any:
     for k in ("step", "global_step"):
         if k in um:
             return um[k]
@@ -29,53 +29,55 @@ def _step(manifest: dict) -> Any:
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able summary of a checkpoint: totals, files per rank, and every key."""
     path = os.fspath(path)
-    m = fmt.read_manifest(path)
+    with CheckpointReader(path) as reader:
+        return _summary(reader)
+
+
+def _summary(reader: CheckpointReader) -> dict[str, Any]:
+    m = reader.manifest
     keys: list[dict[str, Any]] = []
     logical = 0
-    for k, t in m["tensors"].items():
-        dtype = fmt.dtype_from_name(t["dtype"])
-        n = torch.empty((), dtype=dtype).element_size()
-        for s in t["shape"]:
+    for k, t in m.tensors.items():
+        n = torch.empty((), dtype=dtype_from_name(t.dtype)).element_size()
+        for s in t.shape:
             n *= s
         logical += n
-        keys.append({"key": k, "kind": "tensor", "shape": list(t["shape"]), "dtype": t["dtype"],
-                     "bytes": n, "shards": len(t["chunks"]),
-                     "stored_bytes": sum(c["length"] for c in t["chunks"])})
-    for k, o in m["objects"].items():
-        logical += o["nbytes"]
-        keys.append({"key": k, "kind": "object", "bytes": o["nbytes"], "shards": 1,
-                     "stored_bytes": o["length"]})
+        keys.append({"key": k, "kind": "tensor", "shape": list(t.shape), "dtype": t.dtype,
+                     "bytes": n, "shards": len(t.chunks),
+                     "stored_bytes": sum(c.length for c in t.chunks)})
+    for k, o in m.objects.items():
+        logical += o.nbytes
+        keys.append({"key": k, "kind": "object", "bytes": o.nbytes, "shards": 1,
+                     "stored_bytes": o.length})
     keys.sort(key=lambda x: x["key"])
     ranks: dict[int, dict[str, Any]] = {}
     on_disk = 0
-    for rel, fi in sorted(m["files"].items()):
-        r = ranks.setdefault(fi["rank"], {"rank": fi["rank"], "files": [], "bytes": 0})
+    for rel, fi in sorted(m.files.items()):
+        r = ranks.setdefault(fi.rank, {"rank": fi.rank, "files": [], "bytes": 0})
         r["files"].append(rel)
-        r["bytes"] += fi["size"]
-        on_disk += fi["size"]
-    step = _step(m)
+        r["bytes"] += fi.size
+        on_disk += fi.size
+    step = _step(m.user_metadata)
     if step is None:
         # TrainState records the step as an object; one tiny read is worth it.
-        cands = [k for k in m["objects"] if k == "progress.step" or k.endswith(".progress.step")]
+        cands = [k for k in m.objects if k == "progress.step" or k.endswith(".progress.step")]
         if len(cands) == 1:
-            from .storage import ShardReader
-
-            step = ShardReader(path).read_object(cands[0])
+            step = reader.read_object(cands[0])
     return {
-        "path": os.path.abspath(path),
+        "path": os.path.abspath(reader.path),
         "step": step,
-        "world_size": m["world_size"],
-        "created": m.get("created"),
-        "format_version": m.get("format_version"),
-        "versions": m.get("versions", {}),
-        "codec": m["codec"],
+        "world_size": m.world_size,
+        "created": m.created,
+        "format_version": m.format_version,
+        "versions": m.versions,
+        "codec": m.codec,
         "bytes_logical": logical,
         "bytes_on_disk": on_disk,
         "compression_ratio": (logical / on_disk) if on_disk else None,
-        "n_tensors": len(m["tensors"]),
-        "n_objects": len(m["objects"]),
+        "n_tensors": len(m.tensors),
+        "n_objects": len(m.objects),
         "ranks": [ranks[r] for r in sorted(ranks)],
-        "user_metadata": m.get("user_metadata") or {},
+        "user_metadata": m.user_metadata,
         "keys": keys,
     }
 

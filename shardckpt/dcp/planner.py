@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import re
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
@@ -12,18 +11,14 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
-from .errors import (
+from ..errors import (
     DtypeMismatchError,
     MissingKeysError,
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from .storage import safe_torch_load
-
-# Keys under a `__rank<N>__` component hold one rank's private state (RNG, for
-# example). After a world-size change nobody asks for the vanished ranks' keys,
-# which is expected, not an "unexpected key".
-RANK_LOCAL = re.compile(r"(^|\.)__rank\d+__(\.|$)")
+from ..format.keys import is_rank_local
+from .safety import safe_torch_load
 
 
 def _fmt_keys(keys: list[str], limit: int = 8) -> str:
@@ -78,8 +73,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             wanted: set[str] = set()
             for p in global_plan:
                 wanted.update(p.planner_data or ())
+            # A vanished rank's private keys are expected after a resize.
             unexpected = sorted(k for k in self.metadata.state_dict_metadata
-                                if k not in wanted and not RANK_LOCAL.search(k))
+                                if k not in wanted and not is_rank_local(k))
             if unexpected:
                 raise UnexpectedKeysError(
                     f"{self.path}: {len(unexpected)} key(s) of the checkpoint are not in the "

@@ -9,15 +9,13 @@ a few small objects (optimizer param lists, saved world size).
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import format as fmt
-from .storage import ShardReader
+from ..format.keys import is_rank_component
+from ..io.reader import CheckpointReader
 
-_RANK_RE = re.compile(r"^__rank(\d+)__$")
 _SECTIONS = ("model", "optim", "optimizer", "scheduler", "scaler", "progress", "data")
 
 
@@ -58,7 +56,7 @@ def _find_prefix(keys: list[str]) -> str:
     for k in keys:
         parts = k.split(".")
         for i, p in enumerate(parts[:-1]):
-            if p in _SECTIONS or _RANK_RE.match(p):
+            if p in _SECTIONS or is_rank_component(p) is not None:
                 counts[".".join(parts[:i]) + ("." if i else "")] += 1
                 break
     return counts.most_common(1)[0][0] if counts else ""
@@ -67,9 +65,14 @@ def _find_prefix(keys: list[str]) -> str:
 def audit(path: str | os.PathLike, *, prefix: str | None = None) -> AuditReport:
     """Completeness of a training checkpoint; `report.ok` is False when a resume is not exact."""
     path = os.fspath(path)
-    m = fmt.read_manifest(path)
-    reader = ShardReader(path)
-    keys = list(m["tensors"]) + list(m["objects"])
+    with CheckpointReader(path) as reader:
+        return _audit(reader, prefix)
+
+
+def _audit(reader: CheckpointReader, prefix: str | None) -> AuditReport:
+    path = reader.path
+    m = reader.manifest
+    keys = m.keys()
     if prefix is None:
         prefix = _find_prefix(keys)
     elif prefix and not prefix.endswith("."):
@@ -134,8 +137,8 @@ def audit(path: str | os.PathLike, *, prefix: str | None = None) -> AuditReport:
     if sections.get("scaler"):
         rep.present.append("GradScaler")
     else:
-        half = any(m["tensors"][f"{prefix}model.{k}"]["dtype"] == "float16"
-                   for k in model if f"{prefix}model.{k}" in m["tensors"])
+        half = any(m.tensors[f"{prefix}model.{k}"].dtype == "float16"
+                   for k in model if f"{prefix}model.{k}" in m.tensors)
         if half:
             missing("no GradScaler state (model has float16 tensors)",
                     "the loss scale restarts at its default: skipped steps / overflow right after "
@@ -143,10 +146,10 @@ def audit(path: str | os.PathLike, *, prefix: str | None = None) -> AuditReport:
         else:
             note("no GradScaler state", "fine unless you train with float16 AMP")
 
-    saved_ranks = sorted({int(mm.group(1)) for k in sections if (mm := _RANK_RE.match(k))})
-    world = m["world_size"]
+    saved_ranks = sorted({r for k in sections if (r := is_rank_component(k)) is not None})
+    world = m.world_size
     wkey = f"{prefix}meta.world_size"
-    if wkey in m["objects"]:
+    if wkey in m.objects:
         try:
             world = int(reader.read_object(wkey))
         except (TypeError, ValueError):
@@ -173,8 +176,8 @@ def audit(path: str | os.PathLike, *, prefix: str | None = None) -> AuditReport:
     if "step" in progress:
         step = reader.read_object(f"{prefix}progress.step")
         rep.present.append(f"step {step}")
-    elif "step" in (m.get("user_metadata") or {}):
-        rep.present.append(f"step {m['user_metadata']['step']} (user metadata)")
+    elif "step" in m.user_metadata:
+        rep.present.append(f"step {m.user_metadata['step']} (user metadata)")
     else:
         missing("no step counter", "the step restarts at 0: LR schedule, logging and checkpoint "
                                    "names restart")

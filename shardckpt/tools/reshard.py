@@ -12,133 +12,28 @@ the checkpoint size. The writer here is shared with `convert` (any `Source`).
 
 from __future__ import annotations
 
-import io
 import os
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
-import torch
+from .. import codec
+from .. import format as fmt
+from ..dcp.writer import tensor_bytes
+from ..format import Chunk, FileEntry, Manifest, ObjectEntry, StoredItem, TensorEntry
+from ..format.keys import KeyMap
+from ..io.commit import Commit
+from ..io.data_writer import DataFileWriter
+from .sources import (
+    DEFAULT_SLAB_BYTES,
+    Entry,
+    Progress,
+    ShardSource,
+    Source,
+    iter_slabs,
+    row_bytes,
+)
 
-from . import codec
-from . import format as fmt
-from .commit import abort_staging, begin_staging, commit_staging
-from .storage import DataFileWriter, ShardReader, _versions, tensor_bytes
-
-# Read granularity: large enough for sequential I/O, small enough to stream.
-DEFAULT_SLAB_BYTES = 8 << 20
 # Tensors smaller than this are not worth splitting across readers.
 DEFAULT_MIN_SPLIT_BYTES = 4096
-
-Progress = Callable[[int], None] | None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One key of a source checkpoint."""
-
-    key: str
-    kind: str  # "tensor" or "object"
-    dtype: torch.dtype | None = None
-    shape: tuple[int, ...] = ()
-    requires_grad: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        if self.kind != "tensor":
-            return 0
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
-
-
-class Source:
-    """What the tools read from: keys, tensor rows, objects. Subclasses per format."""
-
-    path: str = ""
-    entries: dict[str, Entry]
-    planner_data: dict[str, tuple] | None = None
-    user_metadata: dict[str, Any] = {}
-    codec: dict[str, Any] | None = None
-
-    def read_rows(self, key: str, start: int | None = None,
-                  stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) along dim 0 (the whole tensor when start is None)."""
-        raise NotImplementedError
-
-    def read_object(self, key: str) -> Any:
-        raise NotImplementedError
-
-    def object_bytes(self, key: str) -> bytes:
-        """The object as torch.save bytes (sources that store such bytes return them as is)."""
-        buf = io.BytesIO()
-        torch.save(self.read_object(key), buf)
-        return buf.getvalue()
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class ShardSource(Source):
-    """A committed shardckpt checkpoint; reads only the blocks covering each request."""
-
-    def __init__(self, path: str, *, verify: bool = True) -> None:
-        self.path = path
-        self.reader = ShardReader(path, verify=verify)
-        self.manifest = self.reader._ensure_manifest()
-        self.entries = {}
-        for k, t in self.manifest["tensors"].items():
-            self.entries[k] = Entry(k, "tensor", fmt.dtype_from_name(t["dtype"]),
-                                    tuple(t["shape"]), bool(t.get("requires_grad", False)))
-        for k in self.manifest["objects"]:
-            self.entries[k] = Entry(k, "object")
-        self.planner_data = fmt.decode_planner_data(self.manifest.get("planner_data")) or None
-        self.user_metadata = dict(self.manifest.get("user_metadata") or {})
-        self.codec = dict(self.manifest["codec"])
-
-    def read_rows(self, key: str, start: int | None = None,
-                  stop: int | None = None) -> torch.Tensor:
-        shape = list(self.entries[key].shape)
-        if start is None or not shape:
-            return self.reader.read_region(key)
-        return self.reader.read_region(key, [start] + [0] * (len(shape) - 1),
-                                       [stop - start] + shape[1:])
-
-    def read_object(self, key: str) -> Any:
-        return self.reader.read_object(key)
-
-    def object_bytes(self, key: str) -> bytes:
-        # Copy the stored bytes verbatim (checksummed on read) instead of a
-        # load/save round trip that could change their encoding.
-        o = self.manifest["objects"][key]
-        return self.reader._read_range({**o, "fqn": key}, 0, o["nbytes"]).numpy().tobytes()
-
-
-def row_bytes(e: Entry) -> int:
-    n = torch.empty((), dtype=e.dtype).element_size()
-    for s in e.shape[1:]:
-        n *= s
-    return n
-
-
-def iter_slabs(src: Source, e: Entry, start: int, stop: int,
-               slab_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[torch.Tensor]:
-    """Rows [start, stop) of a tensor in pieces of at most ~slab_bytes (at least one row)."""
-    if not e.shape:
-        yield src.read_rows(e.key)
-        return
-    step = max(1, slab_bytes // max(1, row_bytes(e)))
-    for a in range(start, stop, step):
-        yield src.read_rows(e.key, a, min(stop, a + step))
-
 
 def row_split(n: int, m: int) -> list[tuple[int, int]]:
     """The FSDP2 / torch.chunk split of n rows over m ranks: ceil(n/m) each, tail short."""
@@ -158,7 +53,7 @@ class _ItemWriter:
         self.out = out
         self.group = group
         self.buf = bytearray()
-        self.records: list[dict] = []
+        self.records: list[StoredItem] = []
 
     def add(self, raw: memoryview) -> None:
         self.buf += raw
@@ -168,15 +63,15 @@ class _ItemWriter:
             self.records.append(self.out.append(memoryview(self.buf)[:whole], self.group))
             del self.buf[:whole]
 
-    def finish(self) -> dict:
+    def finish(self) -> StoredItem:
         if self.buf or not self.records:
             self.records.append(self.out.append(memoryview(self.buf), self.group))
             self.buf = bytearray()
         first = self.records[0]
-        return {"offset": first["offset"],
-                "length": sum(r["length"] for r in self.records),
-                "nbytes": sum(r["nbytes"] for r in self.records),
-                "blocks": [b for r in self.records for b in r["blocks"]]}
+        return StoredItem(file=first.file, offset=first.offset,
+                          length=sum(r.length for r in self.records),
+                          nbytes=sum(r.nbytes for r in self.records),
+                          blocks=tuple(b for r in self.records for b in r.blocks))
 
 
 def _plan(entries: list[Entry], world_size: int,
@@ -206,11 +101,11 @@ def _plan(entries: list[Entry], world_size: int,
 
 def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
                      compression: str | None = None, level: int | None = None,
-                     block_size: int | None = None, key_map: Callable[[str], str] | None = None,
+                     block_size: int | None = None, key_map: KeyMap | None = None,
                      min_split_bytes: int = DEFAULT_MIN_SPLIT_BYTES,
                      slab_bytes: int = DEFAULT_SLAB_BYTES, overwrite: bool = False,
                      threads: int | None = None, user_metadata: dict | None = None,
-                     on_progress: Progress = None) -> dict:
+                     on_progress: Progress = None) -> Manifest:
     """Write `src` as a shardckpt checkpoint at `dst` with one data file per target rank.
 
     Codec settings default to the source's. `key_map` renames keys (a key mapped
@@ -229,13 +124,15 @@ def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
     origin = {nk: e.key for nk, e in pairs}
     plan = _plan(list(renamed.values()), world_size, min_split_bytes)
 
-    staging = begin_staging(dst, overwrite=overwrite, save_id=uuid.uuid4().hex,
-                            world_size=world_size)
+    commit = Commit.create(dst, overwrite=overwrite, save_id=uuid.uuid4().hex,
+                           world_size=world_size)
+    staging = commit.staging
     try:
-        writers = [DataFileWriter(os.path.join(staging, fmt.data_file_name(r)), cfg, threads)
+        writers = [DataFileWriter(os.path.join(staging, fmt.data_file_name(r)),
+                                  fmt.data_file_name(r), cfg, threads, rank=r)
                    for r in range(world_size)]
-        tensors: dict[str, dict] = {}
-        objects: dict[str, dict] = {}
+        tensors: dict[str, TensorEntry] = {}
+        objects: dict[str, ObjectEntry] = {}
         try:
             for nk, e in renamed.items():
                 ok = origin[nk]
@@ -243,7 +140,8 @@ def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
                     (r, _), = plan[nk]
                     data = src.object_bytes(ok)
                     rec = writers[r].append(memoryview(data), 1)
-                    objects[nk] = {"file": fmt.data_file_name(r), **rec}
+                    objects[nk] = ObjectEntry(rec.file, rec.offset, rec.length, rec.nbytes,
+                                              rec.blocks)
                     if on_progress:
                         on_progress(len(data))
                     continue
@@ -262,37 +160,37 @@ def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
                     sizes = list(e.shape)
                     if rows is not None:
                         offsets[0], sizes[0] = a, b - a
-                    chunks.append({"offsets": offsets, "sizes": sizes,
-                                   "file": fmt.data_file_name(r), **iw.finish()})
-                tensors[nk] = {"dtype": fmt.dtype_name(e.dtype), "shape": list(e.shape),
-                               "requires_grad": e.requires_grad, "chunks": chunks}
+                    it = iw.finish()
+                    chunks.append(Chunk(it.file, it.offset, it.length, it.nbytes, it.blocks,
+                                        offsets=tuple(offsets), sizes=tuple(sizes)))
+                tensors[nk] = TensorEntry(dtype=fmt.dtype_name(e.dtype), shape=tuple(e.shape),
+                                          requires_grad=e.requires_grad, chunks=tuple(chunks))
             for w in writers:
                 w.close()
         except BaseException:
             for w in writers:
                 w.__exit__(RuntimeError, None, None)
             raise
-        files = {fmt.data_file_name(r): {"rank": r, "size": w.size, "crc32": w.crc}
+        files = {fmt.data_file_name(r): FileEntry(rank=r, size=w.size, crc32=w.crc)
                  for r, w in enumerate(writers)}
         if src.planner_data and key_map is None:
-            planner_data = {k: src.planner_data.get(k, (k,)) for k in renamed}
+            planner_data = {k: list(src.planner_data.get(k, (k,))) for k in renamed}
         else:
             # Renamed keys lose their nesting: a flat mapping is the honest one.
-            planner_data = {k: (k,) for k in renamed}
+            planner_data = {k: [k] for k in renamed}
         um = dict(src.user_metadata or {})
         um.update(user_metadata or {})
-        manifest = fmt.make_manifest(world_size=world_size, files=files, tensors=tensors,
-                                     objects=objects, planner_data=planner_data,
-                                     codec=cfg.to_json(), user_metadata=um,
-                                     versions=_versions())
-        commit_staging(staging, dst, manifest)
+        manifest = Manifest.new(world_size=world_size, files=files, tensors=tensors,
+                                objects=objects, planner_data=planner_data, codec=cfg.to_json(),
+                                user_metadata=um, versions=fmt.runtime_versions())
+        commit.finalize(manifest)
         return manifest
     except BaseException:
-        abort_staging(staging)
+        commit.abort()
         raise
 
 
-def renamed_entries(src: Source, key_map: Callable[[str], str] | None) -> list[tuple[str, Entry]]:
+def renamed_entries(src: Source, key_map: KeyMap | None) -> list[tuple[str, Entry]]:
     """(new key, source entry) pairs after key mapping; collisions are an error."""
     out, seen = [], {}
     for k, e in src.entries.items():
@@ -311,7 +209,7 @@ def reshard(src: str | os.PathLike, dst: str | os.PathLike, world_size: int, *,
             compression: str | None = None, level: int | None = None,
             min_split_bytes: int = DEFAULT_MIN_SPLIT_BYTES, overwrite: bool = False,
             slab_bytes: int = DEFAULT_SLAB_BYTES, threads: int | None = None,
-            on_progress: Progress = None) -> dict:
+            on_progress: Progress = None) -> Manifest:
     """Rewrite checkpoint `src` at `dst` for `world_size` readers (values bitwise identical)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import codec
-from . import format as fmt
+from .. import codec
+from .. import format as fmt
 
 
 def _state(mb: int) -> dict[str, torch.Tensor]:
@@ -29,7 +29,7 @@ def _state(mb: int) -> dict[str, torch.Tensor]:
 def run_bench(size_mb: int = 64, *, directory: str | None = None, repeat: int = 2,
               threads: int | None = None) -> dict[str, Any]:
     """Save, load and codec throughput in MB/s (best of `repeat`), plus the codec path."""
-    from .api import load, save
+    from ..api import load, save
 
     state = _state(size_mb)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from .convert import open_source
-from .reshard import DEFAULT_SLAB_BYTES, Progress, Source, iter_slabs
+from .sources import DEFAULT_SLAB_BYTES, Progress, Source, iter_slabs, open_source
 
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

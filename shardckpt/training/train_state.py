@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import re
 import struct
 import warnings
 from collections.abc import Callable, Iterable
@@ -41,14 +40,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader
 
+from ..errors import ShardckptError
+from ..format.keys import RANK_KEY, rank_of_key
 from .data_position import ResumableLoader
-from .errors import ShardckptError
 from .seed import base_seed, derive_seed
 
 __all__ = ["TrainState", "RestoreMismatchError"]
 
-_RANK_KEY = "__rank{}__"
-_RANK_KEY_RE = re.compile(r"(?:^|\.)__rank(\d+)__(?:\.|$)")
 # Header of the Python/NumPy RNG encodings: version-or-pos, has_gauss, gauss value.
 _HDR = struct.Struct("<qqd")
 
@@ -62,7 +60,7 @@ def _library_version() -> str:
         return importlib.metadata.version("shardckpt")
     except importlib.metadata.PackageNotFoundError:
         try:
-            from . import __version__
+            from .. import __version__
             return str(__version__)
         except ImportError:
             return "unknown"
@@ -233,7 +231,7 @@ class TrainState:
             mine: dict[str, Any] = {"rng": _rng_state()}
             if self.dataloader is not None:
                 mine["loader_generator"] = self.dataloader.generator_state()
-            sd[_RANK_KEY.format(rank)] = mine
+            sd[RANK_KEY.format(rank)] = mine
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -258,7 +256,7 @@ class TrainState:
         saved_world = int(meta.get("world_size", world))
         seed = meta.get("base_seed")
         seed = int(seed) if seed is not None else (base_seed() or 0)
-        mine = state_dict.get(_RANK_KEY.format(rank)) or {}
+        mine = state_dict.get(RANK_KEY.format(rank)) or {}
 
         if "progress" in state_dict:
             p = state_dict["progress"]
@@ -294,11 +292,11 @@ class TrainState:
         Returns the saved ranks.
         """
         if isinstance(checkpoint, (str, os.PathLike)):
-            from .storage import ShardReader
-            keys: Iterable[str] = ShardReader(checkpoint).read_metadata().state_dict_metadata
+            from ..io.reader import read_manifest
+            keys: Iterable[str] = read_manifest(checkpoint).keys()
         else:
             keys = checkpoint
-        ranks = {int(m.group(1)) for k in keys if (m := _RANK_KEY_RE.search(k))}
+        ranks = {r for k in keys if (r := rank_of_key(k)) is not None}
         self._load_ranks = ranks
         return ranks
 

@@ -10,16 +10,18 @@ its writer.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import format as fmt
-from .fsutil import dir_size, fsync_dir
+from ..format.names import Leftover, parse_leftover, trash_name
+from ..io.commit import staging_abandoned
+from ..io.fsutil import dir_size, remove_dir
+from ..manager.catalog import delete_checkpoint, list_checkpoints
+from ..manager.leases import Leases
+from ..manager.pointers import Pointers
+from ..manager.retention import LastN
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -63,65 +65,29 @@ class GcReport:
         return "\n".join(lines)
 
 
-def _partial_owner_alive(path: str) -> bool:
-    """A partial whose writer process still runs on this host is a save in progress."""
-    try:
-        with open(os.path.join(path, fmt.PARTIAL_MARKER), "rb") as f:
-            marker = json.loads(f.read())
-        if marker.get("host") != socket.gethostname():
-            return False
-        os.kill(int(marker["pid"]), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _pointed(root: str) -> set[str]:
-    from .manager import BEST_POINTER, LATEST_POINTER
-
-    names = set()
-    for p in (LATEST_POINTER, BEST_POINTER):
-        try:
-            with open(os.path.join(root, p), "rb") as f:
-                v = json.loads(f.read())
-            if isinstance(v, dict) and isinstance(v.get("name"), str):
-                names.add(v["name"])
-        except (OSError, ValueError):
-            pass
-    return names
-
-
 def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: float = 3600.0,
        dry_run: bool = False) -> GcReport:
-    """Apply keep-last retention to `root/step_*` and remove stale leftovers.
+    """Apply keep-last retention to the step checkpoints of `root` and remove stale leftovers.
 
-    `keep_last=None` removes no committed checkpoint (leftovers only).
+    `keep_last=None` removes no committed checkpoint (leftovers only). A leftover
+    of a save goes only when no live save owns it (its process is dead, or its
+    heartbeat stopped for longer than `older_than`); it is claimed by a rename
+    first, so a save publishing at that moment is never emptied.
     """
-    from .manager import CheckpointManager, retained_steps
-
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such directory")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"--keep-last must be >= 1, not {keep_last}")
     report = GcReport(root=root, dry_run=dry_run)
-    protected = _pointed(root)
+    protected = set(Pointers(root).names().values())
     actions: list[GcAction] = []
     if keep_last is not None:
-        # The manager lists committed step checkpoints and knows the live reader
-        # leases; its retention function decides, so `gc` and training agree.
-        mgr = CheckpointManager(root, keep_last=keep_last, keep_best=0, preemption_signals=())
-        try:
-            infos = mgr.list()
-            protected |= mgr._leased_names()
-        finally:
-            mgr.close()
-        keep = retained_steps([(i.step, None) for i in infos], keep_last=keep_last, keep_best=0,
-                              mode="min", keep_every=None)
+        # The manager's own listing, leases and retention policy decide, so `gc`
+        # and training agree on what is kept.
+        infos = list_checkpoints(root)
+        protected |= Leases(root).live_names(remove_stale=not dry_run)
+        keep = LastN(keep_last).keep([(i.step, None) for i in infos])
         for i in infos:
             if i.step in keep:
                 continue
@@ -132,31 +98,33 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
                                     i.size_bytes))
     now = time.time()
     for e in sorted(os.listdir(root)):
-        parsed = fmt.parse_leftover(e)
+        parsed = parse_leftover(e)
         if parsed is None:
             continue
         name, kind = parsed
         p = os.path.join(root, e)
-        age = now - os.lstat(p).st_mtime
-        if age < older_than:
-            report.kept.append((e, f"{kind} leftover only {age:.0f}s old"))
+        try:
+            age = now - os.lstat(p).st_mtime
+        except OSError:
             continue
-        if kind == "partial" and _partial_owner_alive(p):
-            report.kept.append((e, "a save in progress (its process is alive)"))
+        if kind == Leftover.PARTIAL:
+            if not staging_abandoned(p, older_than):
+                report.kept.append((e, "a save in progress (its process is alive or its "
+                                       "heartbeat is recent)"))
+                continue
+        elif age < older_than:
+            report.kept.append((e, f"{kind.value} leftover only {age:.0f}s old"))
             continue
-        what = ("uncommitted save of " if kind == "partial" else "replaced copy of ") + name
-        actions.append(GcAction(p, kind, what, dir_size(p)))
+        what = ("uncommitted save of " if kind == Leftover.PARTIAL else "replaced copy of ") + name
+        actions.append(GcAction(p, kind.value, what, dir_size(p)))
     for a in actions:
         if not dry_run:
             if a.kind == "checkpoint":
-                # Rename first: a kill during rmtree must not leave a half-deleted
-                # directory that still looks committed.
-                trash = os.path.join(root, fmt.trash_name(os.path.basename(a.path),
-                                                          uuid.uuid4().hex[:12]))
-                os.rename(a.path, trash)
-                fsync_dir(root)
-                shutil.rmtree(trash, ignore_errors=True)
+                if not delete_checkpoint(root, os.path.basename(a.path)):
+                    continue
             else:
-                shutil.rmtree(a.path, ignore_errors=True)
+                base = parse_leftover(os.path.basename(a.path))[0]
+                if not remove_dir(a.path, os.path.join(root, trash_name(base, uuid.uuid4().hex[:12]))):
+                    continue
         report.removed.append(a)
     return report

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NotACheckpointError, UnsupportedFormatError
+from ..errors import NotACheckpointError, UnsupportedFormatError
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

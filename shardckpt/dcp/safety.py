@@ -1,0 +1,32 @@
+"""The object-safety policy: non-tensor values load under `weights_only` rules only.
+
+A checkpoint is data; loading one must never run code from it (invariant 3).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from ..errors import UnsafeObjectError
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    # torch's message carries ANSI escapes and a paragraph of advice
+    for esc in ("\x1b[1m", "\x1b[0m", "\x1b[31m"):
+        text = text.replace(esc, "")
+    return text[:200]
+
+
+def safe_torch_load(buf: io.BytesIO, *, path: str, key: str) -> Any:
+    """torch.load under weights_only rules: a checkpoint can never run code on load."""
+    try:
+        return torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise UnsafeObjectError(
+            f"{path}: object {key!r} cannot be loaded under weights_only rules "
+            f"({_one_line(e)}). shardckpt never unpickles arbitrary objects; store plain types "
+            f"or tensors.") from e

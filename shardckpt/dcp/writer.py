@@ -1,0 +1,159 @@
+"""`ShardWriter`: the DCP StorageWriter of shardckpt.
+
+`dcp.save(state, storage_writer=ShardWriter(path))` works directly. Each rank
+writes one data file of its own into a hidden staging directory; the
+coordinator assembles the manifest and commits it (io/commit.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from .. import codec
+from ..errors import SaveFailedError
+from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
+from ..io.commit import Commit
+from ..io.data_writer import DataFileWriter
+from .metadata import RankFile, manifest_from_results
+
+log = logging.getLogger("shardckpt")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The row-major bytes of a tensor as a zero-copy view where possible."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankPlan:
+    """What the coordinator tells each rank: where to write."""
+
+    staging: str
+    rank: int
+
+
+class ShardWriter(StorageWriter):
+    """Writes a shardckpt checkpoint; one data file per rank, atomic commit by the coordinator."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, compression: str = "zstd",
+                 level: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
+                 threads: int | None = None, overwrite: bool = True,
+                 user_metadata: dict | None = None) -> None:
+        super().__init__()
+        self.path = os.fspath(path) if path is not None else None
+        self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
+        self.threads = threads
+        self.overwrite = overwrite
+        self.user_metadata = dict(user_metadata or {})
+        self.is_coordinator = False
+        self.save_id = uuid.uuid4().hex
+        self._plans: list[SavePlan] = []
+        self._commit: Commit | None = None
+
+    # -- StorageWriter protocol
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+        self._commit = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if self.path is None:
+            raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
+        self._commit = Commit.create(self.path, overwrite=self.overwrite, save_id=self.save_id,
+                                     world_size=len(plans))
+        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(self._commit.staging, i))
+                       for i, p in enumerate(plans)]
+        return self._plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        info: _RankPlan = plan.storage_data
+        fut: Future[list[WriteResult]] = Future()
+        try:
+            fut.set_result(self._write_rank_file(plan, planner, info))
+        except BaseException as e:  # surfaced by DCP on every rank
+            fut.set_exception(e)
+        return fut
+
+    def _write_rank_file(self, plan: SavePlan, planner: SavePlanner,
+                         info: _RankPlan) -> list[WriteResult]:
+        if not plan.items:
+            return []
+        rel = data_file_name(info.rank)
+        t0 = time.perf_counter()
+
+        def payloads() -> Iterator[tuple[memoryview, int]]:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    yield memoryview(data.getbuffer()).cast("B"), 1
+                else:
+                    yield tensor_bytes(data), group_size(data.dtype)
+
+        path = os.path.join(info.staging, rel)
+        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank) as out:
+            records = out.append_many(payloads())
+        rf = RankFile(file=rel, rank=info.rank, size=out.size, crc32=out.crc)
+        log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
+                  out.size, time.perf_counter() - t0)
+        return [WriteResult(index=item.index, size_in_bytes=rec.length, storage_data=(rec, rf))
+                for item, rec in zip(plan.items, records)]
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        final = os.path.abspath(self.path)
+        if self._commit is None:
+            raise SaveFailedError(f"{final}: finish() without a prepared plan")
+        expected = {i: len(p.items) for i, p in enumerate(self._plans)}
+        manifest = manifest_from_results(
+            metadata, results, expected, final=final, codec=self.cfg.to_json(),
+            user_metadata=self.user_metadata, versions=runtime_versions())
+        staging = self._commit.staging
+        for rel, fi in manifest.files.items():
+            p = os.path.join(staging, rel)
+            try:
+                size = os.path.getsize(p)
+            except OSError:
+                size = -1
+            if size != fi.size:
+                raise SaveFailedError(
+                    f"{p} (rank {fi.rank}): on disk {size} bytes, reported {fi.size}; "
+                    f"nothing was committed. Check the filesystem and retry.")
+        self._commit.finalize(manifest)
+        self._commit = None
+
+    def abort(self) -> None:
+        """Remove this save's staging directory (called by shardckpt.save on failure)."""
+        if self._commit is not None:
+            self._commit.abort()
+        self._commit = None

@@ -1,0 +1,119 @@
+"""Block geometry: where an item's blocks lie in its file and which cover a region.
+
+Pure functions over block records; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_BLOCK_SIZE = 4 << 20  # measured: the smallest size that meets every ratio target (benchmarks/codec.py)
+MAX_BLOCK_SIZE = 1 << 30
+# A plane whose first SAMPLE_SIZE bytes shrink by less than 5 % is stored raw:
+# low mantissa bytes are noise, and compressing noise only burns CPU.
+SAMPLE_SIZE = 4096
+
+# Block modes, the 4th field of a block record:
+#   [stored_len, raw_len, crc32, "r"]                       raw
+#   [stored_len, raw_len, crc32, "z"]                       one zstd frame
+#   [stored_len, raw_len, crc32, "g", "zzrr", [l0, ..]]     byte planes
+# crc32 (zlib polynomial) covers the stored bytes of the block.
+MODE_RAW = "r"
+MODE_ZSTD = "z"
+MODE_GROUPED = "g"
+
+_MAX_RUNS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Block:
+    offset: int  # absolute offset in the data file
+    stored_len: int
+    raw_len: int
+    raw_start: int  # offset of the block's first raw byte within the item
+    crc: int
+    record: list
+
+
+def item_blocks(offset: int, records: Sequence[list]) -> list[Block]:
+    """Blocks of one stored item (a tensor chunk or a bytes object), with file offsets."""
+    out = []
+    raw = 0
+    for rec in records:
+        out.append(Block(offset, rec[0], rec[1], raw, rec[2], rec))
+        offset += rec[0]
+        raw += rec[1]
+    return out
+
+
+def blocks_for_range(blocks: list[Block], start: int, end: int) -> list[Block]:
+    """The blocks that cover raw bytes [start, end) of an item."""
+    if end <= start:
+        return []
+    return [b for b in blocks if b.raw_start < end and b.raw_start + b.raw_len > start]
+
+
+def row_major_strides(sizes: Sequence[int]) -> list[int]:
+    strides = [1] * len(sizes)
+    for i in range(len(sizes) - 2, -1, -1):
+        strides[i] = strides[i + 1] * sizes[i + 1]
+    return strides
+
+
+def box_runs(offsets: list[int], lengths: list[int], sizes: list[int]) -> tuple[np.ndarray, int]:
+    """Element offsets of the contiguous runs of a box inside a row-major chunk, and
+    the run length. A box cut along an inner dimension is many short runs; reading
+    only the blocks under them keeps such reads from fetching the rows in between."""
+    strides = row_major_strides(sizes)
+    k = len(sizes) - 1
+    while k >= 0 and lengths[k] == sizes[k]:
+        k -= 1
+    base = sum(o * s for o, s in zip(offsets, strides))
+    n_runs = int(np.prod(lengths[:k])) if k > 0 else 1
+    if k <= 0 or n_runs > _MAX_RUNS:
+        # One contiguous span (or too many runs to list: take the span).
+        last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides))
+        return np.array([base], dtype=np.int64), last + 1 - base
+    grid = np.zeros(1, dtype=np.int64)
+    for d in range(k):
+        grid = (grid[:, None] + np.arange(lengths[d], dtype=np.int64) * strides[d]).ravel()
+    return grid + base, lengths[k] * strides[k]
+
+
+def blocks_for_runs(blocks: list[Block], starts: np.ndarray, length: int) -> list[Block]:
+    """The blocks that cover raw bytes [s, s + length) for every s in `starts`."""
+    if not blocks or length <= 0 or not len(starts):
+        return []
+    raw_starts = np.fromiter((b.raw_start for b in blocks), dtype=np.int64, count=len(blocks))
+    first = np.searchsorted(raw_starts, starts, side="right") - 1
+    last = np.searchsorted(raw_starts, starts + (length - 1), side="right") - 1
+    mark = np.zeros(len(blocks) + 1, dtype=np.int64)
+    np.add.at(mark, first, 1)
+    np.add.at(mark, last + 1, -1)
+    return [blocks[i] for i in np.flatnonzero(np.cumsum(mark)[:-1] > 0)]
+
+
+def coalesce(blocks: list[Block]) -> list[tuple[int, int, list[Block]]]:
+    """Group blocks adjacent in the file into single reads: (offset, length, blocks)."""
+    runs: list[tuple[int, int, list[Block]]] = []
+    for b in sorted(blocks, key=lambda b: b.offset):
+        if runs and runs[-1][0] + runs[-1][1] == b.offset:
+            off, ln, bl = runs[-1]
+            runs[-1] = (off, ln + b.stored_len, bl + [b])
+        else:
+            runs.append((b.offset, b.stored_len, [b]))
+    return runs
+
+
+def box_span_bytes(offsets: Sequence[int], lengths: Sequence[int], sizes: Sequence[int],
+                   esize: int) -> tuple[int, int] | None:
+    """Raw byte range [first, last + 1) a box occupies in a row-major chunk, or None if empty."""
+    if any(n == 0 for n in lengths):
+        return None
+    strides = row_major_strides(sizes)
+    first = sum(o * s for o, s in zip(offsets, strides))
+    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides))
+    return first * esize, (last + 1) * esize

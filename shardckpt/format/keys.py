@@ -1,0 +1,118 @@
+"""The key namespace of a checkpoint: rank-private keys and the one key mapper.
+
+Keys are DCP's flattened names ("train.model.layers.0.weight"). A component
+`__rank<N>__` marks state private to rank N (TrainState's RNG streams).
+
+Key mapping (used by load, reshard, convert and diff alike) turns a checkpoint
+key into a state key:
+
+1. every `strip_prefix` is removed wherever it starts a key component, i.e. at
+   the start of the key or right after a "."; all such occurrences go
+   (`a.module.b.module.c` with `module.` -> `a.b.c`). A prefix without a
+   trailing "." gets one (`module` means `module.`).
+2. then every `rename` rule (regex -> replacement, `re.sub` semantics) is applied,
+   in order.
+
+Two checkpoint keys that map to the same state key are an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+RANK_KEY = "__rank{}__"
+_RANK_COMPONENT = re.compile(r"(?:^|\.)__rank(\d+)__(?:\.|$)")
+
+KeyMap = Callable[[str], str]
+V = TypeVar("V")
+
+
+def rank_of_key(key: str) -> int | None:
+    """N for a key with a `__rank<N>__` component, else None."""
+    m = _RANK_COMPONENT.search(key)
+    return int(m.group(1)) if m else None
+
+
+def is_rank_local(key: str) -> bool:
+    return _RANK_COMPONENT.search(key) is not None
+
+
+def is_rank_component(part: str) -> int | None:
+    m = re.fullmatch(r"__rank(\d+)__", part)
+    return int(m.group(1)) if m else None
+
+
+def key_mapper(strip_prefix: str | Sequence[str] | None = None,
+               rename: Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[str] | None = None,
+               ) -> KeyMap | None:
+    """The key function for these options, or None when they change nothing.
+
+    `rename` is a {regex: replacement} mapping, (regex, replacement) pairs, or
+    "REGEX=REPLACEMENT" strings (the command line's form).
+    """
+    prefixes = [strip_prefix] if isinstance(strip_prefix, str) else list(strip_prefix or ())
+    rules: list[tuple[re.Pattern, str]] = []
+    items = rename.items() if isinstance(rename, Mapping) else (rename or ())
+    for r in items:
+        if isinstance(r, str):
+            if "=" not in r:
+                raise ValueError(f"rename {r!r}: expected REGEX=REPLACEMENT")
+            r = tuple(r.split("=", 1))
+        pat, repl = r
+        try:
+            rules.append((re.compile(pat), repl))
+        except re.error as e:
+            raise ValueError(f"rename {pat!r}: bad regular expression ({e})") from None
+    strips = []
+    for p in prefixes:
+        if not p:
+            continue
+        p = p if p.endswith(".") else p + "."
+        # "not preceded by anything but a dot": the start of a component
+        strips.append(re.compile(r"(?<![^.])" + re.escape(p)))
+    if not strips and not rules:
+        return None
+
+    def fn(key: str) -> str:
+        for s in strips:
+            key = s.sub("", key)
+        for pat, repl in rules:
+            key = pat.sub(repl, key)
+        return key
+
+    return fn
+
+
+def map_keys(entries: Mapping[str, V], key_map: KeyMap | None) -> dict[str, V]:
+    """`entries` under mapped keys; two keys mapping to one is an error naming both."""
+    if key_map is None:
+        return dict(entries)
+    out: dict[str, V] = {}
+    origin: dict[str, str] = {}
+    for k, v in entries.items():
+        nk = key_map(k)
+        if nk in out:
+            raise ValueError(f"key mapping sends both {origin[nk]!r} and {k!r} to {nk!r}; "
+                             f"adjust strip_prefix / rename")
+        out[nk] = v
+        origin[nk] = k
+    return out
+
+
+def prefix_hint(wanted: Iterable[str], stored: Iterable[str]) -> str | None:
+    """A strip_prefix that would make most wanted keys match stored ones, if one does."""
+    wanted, stored = set(wanted), set(stored)
+    best: tuple[int, str] | None = None
+    candidates: set[str] = set()
+    for k in stored:
+        parts = k.split(".")
+        for i in range(1, min(len(parts), 4)):
+            candidates.add(".".join(parts[:i]) + ".")
+    for p in candidates:
+        fn = key_mapper(p)
+        hits = len(wanted & {fn(k) for k in stored}) if fn else 0
+        if hits and (best is None or hits > best[0]):
+            best = (hits, p)
+    return None if best is None or best[0] <= len(wanted & stored) else best[1]

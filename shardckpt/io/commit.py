@@ -1,0 +1,257 @@
+"""The commit protocol: a hidden staging directory, then one atomic publish.
+
+    c = Commit.create(final, overwrite=..., save_id=..., world_size=...)
+    ... every rank writes into c.staging ...
+    c.finalize(manifest)      # manifest durable, then published under `final`
+    c.abort()                 # on failure: the staging directory goes
+
+Shared by the DCP writer and the offline tools (reshard, convert), so every
+checkpoint shardckpt produces is committed the same way.
+
+The marker PARTIAL.json stays in the staging directory until the publish
+rename, and the coordinator refreshes its mtime while the save runs: `gc`
+treats a staging directory as abandoned only when its owner is provably dead
+(same host) or its heartbeat has stopped, and claims it by renaming it before
+deleting, so a save that publishes at the same moment either wins (gc's rename
+fails) or fails loudly (its publish rename fails): it never reports success for
+a directory gc emptied.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+
+from ..errors import CheckpointExistsError, SaveFailedError
+from ..format import Manifest
+from ..format.names import (
+    DATA_DIR,
+    MANIFEST_NAME,
+    MAX_NAME_LEN,
+    PARTIAL_MARKER,
+    DirState,
+    Leftover,
+    parse_leftover,
+    staging_name,
+    trash_name,
+)
+from .fsutil import (
+    HOST,
+    exchange,
+    fsync_dir,
+    pid_alive,
+    remove_dir,
+    rename_noreplace,
+    write_file_durable,
+)
+from .storage import storage_for
+
+HEARTBEAT_S = 30.0
+
+
+def _token() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def read_marker(staging: str) -> dict | None:
+    try:
+        with open(os.path.join(staging, PARTIAL_MARKER), "rb") as f:
+            m = json.loads(f.read(1 << 16))
+        return m if isinstance(m, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def heartbeat_age(staging: str) -> float | None:
+    """Seconds since the owning save last touched its staging directory."""
+    try:
+        return time.time() - os.stat(staging).st_mtime
+    except OSError:
+        return None
+
+
+def staging_abandoned(staging: str, older_than: float) -> bool:
+    """True if no live save owns this staging directory."""
+    marker = read_marker(staging)
+    age = heartbeat_age(staging)
+    if age is None:
+        return False
+    if marker is None:
+        # No marker: the directory is being created, or it is not ours in a
+        # form we understand; both are left alone unless old.
+        return age > max(older_than, 2 * HEARTBEAT_S)
+    try:
+        alive = pid_alive(int(marker.get("pid", -1)), str(marker.get("host", "")))
+    except (TypeError, ValueError):
+        alive = None
+    if alive is False:
+        return True
+    # Alive or on another host: only a stopped heartbeat says it is abandoned.
+    return age > max(older_than, 4 * HEARTBEAT_S)
+
+
+def check_name(final: str) -> None:
+    name = os.path.basename(final)
+    if not name or name in (".", ".."):
+        raise SaveFailedError(f"{final!r}: not a checkpoint path (no final name).")
+    if len(name.encode()) > MAX_NAME_LEN:
+        raise SaveFailedError(
+            f"{final}: the name is {len(name.encode())} bytes; checkpoint names may have at most "
+            f"{MAX_NAME_LEN} (the staging name must fit the filesystem's 255). Choose a shorter name.")
+
+
+class Commit:
+    """One checkpoint being written at `final`, staged under a hidden sibling."""
+
+    def __init__(self, final: str, staging: str, overwrite: bool) -> None:
+        self.final = final
+        self.staging = staging
+        self.overwrite = overwrite
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="shardckpt-heartbeat",
+                                      daemon=True)
+        self._beat.start()
+
+    @classmethod
+    def create(cls, final: str, *, overwrite: bool, save_id: str, world_size: int) -> Commit:
+        """Check the target and create the staging directory for a checkpoint at `final`."""
+        final = os.path.abspath(final)
+        check_name(final)
+        state = storage_for(final).state(final)
+        if state == DirState.OTHER:
+            raise CheckpointExistsError(
+                f"{final}: exists and is not a shardckpt checkpoint; refusing to overwrite it. "
+                f"Choose another path or remove it.")
+        if state == DirState.COMMITTED and not overwrite:
+            raise _exists(final)
+        parent, name = os.path.split(final)
+        os.makedirs(parent, exist_ok=True)
+        _remove_dead_partials(parent, name)
+        staging = os.path.join(parent, staging_name(name, _token()))
+        try:
+            os.makedirs(os.path.join(staging, DATA_DIR))
+            marker = {"target": name, "save_id": save_id, "world_size": world_size,
+                      "started_unix": time.time(), "host": HOST, "pid": os.getpid()}
+            write_file_durable(os.path.join(staging, PARTIAL_MARKER), json.dumps(marker).encode())
+            fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(final, staging, overwrite)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.staging)
+            except OSError:
+                return
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+
+    def finalize(self, manifest: Manifest) -> None:
+        """Write the manifest durably, then publish the directory under its final name."""
+        self._stop_heartbeat()
+        staging, final = self.staging, self.final
+        if read_marker(staging) is None:
+            raise SaveFailedError(
+                f"{final}: the staging directory {staging} was removed or emptied by another "
+                f"process (a concurrent `shardckpt gc`?) before the commit; nothing was committed. "
+                f"Retry the save.")
+        write_file_durable(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes())
+        fsync_dir(os.path.join(staging, DATA_DIR))
+        fsync_dir(staging)
+        try:
+            publish(staging, final, overwrite=self.overwrite)
+        except FileNotFoundError:
+            raise SaveFailedError(
+                f"{final}: the staging directory {staging} was claimed by another process (a "
+                f"concurrent `shardckpt gc`?) during the commit; nothing was committed. "
+                f"Retry the save.") from None
+        # The marker only says "uncommitted" to readers that find no manifest; it
+        # goes now that the manifest is there (a crash first leaves it harmless).
+        try:
+            os.unlink(os.path.join(final, PARTIAL_MARKER))
+            fsync_dir(final)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        self._stop_heartbeat()
+        if os.path.isdir(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _exists(final: str) -> CheckpointExistsError:
+    return CheckpointExistsError(
+        f"{final}: Checkpoint already exists (a committed checkpoint is there); pass "
+        f"overwrite=True or choose another path.")
+
+
+def _remove_dead_partials(parent: str, name: str) -> None:
+    """Leftovers of earlier saves to the same name whose process died on this host."""
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for e in entries:
+        p = parse_leftover(e)
+        if p is None or p[0] != name:
+            continue
+        path = os.path.join(parent, e)
+        if p[1] == Leftover.OLD or staging_abandoned(path, older_than=float("inf")):
+            remove_dir(path, os.path.join(parent, trash_name(name, _token())))
+
+
+def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = False) -> None:
+    """Make `staging` visible as `final` in one atomic step.
+
+    A committed checkpoint already at `final` is swapped out atomically (readers
+    see the old or the new one, never neither) when `overwrite`, else the save
+    fails with CheckpointExistsError; an empty directory there is replaced.
+    """
+    parent, name = os.path.split(os.path.abspath(final))
+    for _ in range(3):
+        try:
+            rename_noreplace(staging, final)
+            fsync_dir(parent)
+            return
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+        state = storage_for(final).state(final)
+        if state == DirState.EMPTY:
+            try:
+                os.rmdir(final)
+            except OSError:
+                pass
+            continue
+        if state == DirState.MISSING:
+            continue
+        if state != DirState.COMMITTED and not replace_any:
+            raise CheckpointExistsError(
+                f"{final}: appeared during the save and is not a shardckpt checkpoint; "
+                f"nothing was committed (the data is in {staging}).")
+        if not overwrite:
+            raise _exists(final)
+        if exchange(staging, final):
+            fsync_dir(parent)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        # No atomic exchange on this filesystem: move the old one aside first. A
+        # crash in between leaves it under the trash name, where `gc` finds it.
+        trash = os.path.join(parent, trash_name(name, _token()))
+        os.rename(final, trash)
+        os.rename(staging, final)
+        fsync_dir(parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    raise SaveFailedError(f"{final}: could not publish (the path kept changing under a "
+                          f"concurrent writer); the data is in {staging}.")

@@ -1,0 +1,247 @@
+"""Reading a committed checkpoint: the manifest once, then only the blocks asked for.
+
+`CheckpointReader` opens a checkpoint once (manifest read, checksummed and
+validated; data files opened on first use and kept open) and is passed to
+whatever needs it: the DCP reader, verify, the tools and the manager. It knows
+no DCP and no process group.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import codec
+from ..errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    NotACheckpointError,
+)
+from ..format import Block, DirState, Manifest, StoredItem, parse_manifest
+from ..format import blocks as geo
+from ..format.dtypes import dtype_from_name
+from ..format.keys import KeyMap
+from ..format.names import MANIFEST_NAME, Leftover, parse_leftover
+from .storage import OpenCheckpoint, storage_for
+
+
+def find_partials(path: str) -> list[str]:
+    """Leftovers of interrupted saves to `path` (hidden siblings)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    return sorted(os.path.join(parent, e) for e in entries
+                  if (p := parse_leftover(e)) and p == (name, Leftover.PARTIAL))
+
+
+def check_committed(path: str) -> None:
+    """Raise the typed error that says why `path` is not a committed checkpoint."""
+    state = storage_for(path).state(path)
+    if state == DirState.COMMITTED:
+        return
+    if state == DirState.MISSING:
+        partials = find_partials(path)
+        if partials:
+            raise IncompleteCheckpointError(
+                f"{path}: this checkpoint was never committed (its save was interrupted or failed); "
+                f"leftovers: {', '.join(partials)}. Load an earlier checkpoint; "
+                f"remove the leftovers with `shardckpt gc`.")
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint. Check the path.")
+    if state == DirState.PARTIAL:
+        raise IncompleteCheckpointError(
+            f"{path}: this save was never committed; load an earlier checkpoint.")
+    raise NotACheckpointError(
+        f"{path}: not a shardckpt checkpoint (no {MANIFEST_NAME}). "
+        f"For a stock DCP directory use `shardckpt convert`.")
+
+
+def _open(path: str) -> tuple[OpenCheckpoint, Manifest]:
+    check_committed(path)
+    try:
+        ckpt = storage_for(path).open_checkpoint(path)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path}: cannot open the checkpoint ({e.strerror}); check "
+                                     f"the path and its permissions.", path=path) from None
+    try:
+        where = os.path.join(path, MANIFEST_NAME)
+        try:
+            data = ckpt.read_manifest()
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(f"{where}: vanished while opening (a concurrent "
+                                            f"overwrite or delete); retry.") from None
+        except OSError as e:
+            raise CorruptCheckpointError(f"{where}: cannot be read ({e.strerror}).",
+                                         path=where) from None
+        return ckpt, parse_manifest(data, where)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """The validated manifest of a committed checkpoint, or a typed error."""
+    ckpt, manifest = _open(os.fspath(path))
+    ckpt.close()
+    return manifest
+
+
+class CheckpointReader:
+    """One open checkpoint. `key_map` (checkpoint key -> caller's key) renames keys."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 verify: bool = True, key_map: KeyMap | None = None) -> None:
+        self.path = os.fspath(path)
+        self.threads = threads
+        self.verify = verify
+        self._ckpt, stored = _open(self.path)
+        self.stored_manifest = stored
+        self.manifest = stored if key_map is None else stored.renamed(key_map)
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+    def open_file(self, rel: str) -> Any:
+        """A data file of this checkpoint (opened once, kept open): `.size`, `.pread`."""
+        return self._ckpt.open_data(rel)
+
+    def file_size(self, rel: str) -> int:
+        """Size of a data file as it is on disk now (opened, so it stays the one read)."""
+        return self._ckpt.open_data(rel).size
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- tensors
+
+    def chunk_regions(self, fqn: str, chunk: Any, dtype: torch.dtype,
+                      boxes: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      ) -> list[torch.Tensor | None]:
+        """Views of boxes (offsets, lengths within one stored chunk), from one read."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        sizes = list(chunk.sizes)
+        spans = [geo.box_span_bytes(so, ln, sizes, esize) for so, ln in boxes]
+        if all(s is None for s in spans):
+            return [None] * len(boxes)
+        blocks = chunk.block_list()
+        need: dict[int, Block] = {}
+        for (so, ln), span in zip(boxes, spans):
+            if span is not None:
+                starts, run = geo.box_runs(list(so), list(ln), sizes)
+                for b in geo.blocks_for_runs(blocks, starts * esize, run * esize):
+                    need[b.offset] = b
+        buf, base = self.read_blocks(fqn, chunk, blocks, list(need.values()))
+        strides = geo.row_major_strides(sizes)
+        out: list[torch.Tensor | None] = []
+        for (_, ln), span in zip(boxes, spans):
+            if span is None:
+                out.append(None)
+                continue
+            src = buf[span[0] - base: span[1] - base].view(dtype)
+            # as_strided's offset is absolute in the storage, not relative to the view
+            out.append(src.as_strided(list(ln), strides, src.storage_offset()))
+        return out
+
+    def read_region(self, fqn: str, offsets: Sequence[int] | None = None,
+                    sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """A box of a stored tensor (the whole tensor by default), reading only its blocks."""
+        t = self.manifest.tensors[fqn]
+        shape = list(t.shape)
+        offsets = [0] * len(shape) if offsets is None else list(offsets)
+        sizes = shape if sizes is None else list(sizes)
+        dtype = dtype_from_name(t.dtype)
+        out = torch.empty(sizes, dtype=dtype)
+        for ch in t.chunks:
+            lo = [max(a, c) for a, c in zip(offsets, ch.offsets)]
+            hi = [min(a + n, c + m) for a, n, c, m in zip(offsets, sizes, ch.offsets, ch.sizes)]
+            if any(h <= low for low, h in zip(lo, hi)) and shape:
+                continue
+            lengths = [h - low for low, h in zip(lo, hi)]
+            rel = [low - c for low, c in zip(lo, ch.offsets)]
+            (src,) = self.chunk_regions(fqn, ch, dtype, [(rel, lengths)])
+            if src is None:
+                continue
+            dst = out
+            for d, (low, a, n) in enumerate(zip(lo, offsets, lengths)):
+                dst = dst.narrow(d, low - a, n)
+            dst.copy_(src)
+        return out
+
+    # ---------------------------------------------------------------- objects
+
+    def object_bytes(self, fqn: str) -> bytes:
+        """The stored bytes (torch.save output) of a non-tensor value; never unpickled here."""
+        o = self.manifest.objects[fqn]
+        return self.read_range(fqn, o, 0, o.nbytes).numpy().tobytes()
+
+    def read_object(self, fqn: str) -> Any:
+        """A stored non-tensor value, under weights_only rules."""
+        from ..dcp.safety import safe_torch_load
+
+        return safe_torch_load(io.BytesIO(self.object_bytes(fqn)), path=self.path, key=fqn)
+
+    # ---------------------------------------------------------------- blocks
+
+    def read_range(self, fqn: str, item: StoredItem, start: int, end: int) -> torch.Tensor:
+        blocks = item.block_list()
+        buf, base = self.read_blocks(fqn, item, blocks, geo.blocks_for_range(blocks, start, end),
+                                     lo=start)
+        return buf[start - base:end - base]
+
+    def read_into(self, fqn: str, item: StoredItem, out: torch.Tensor) -> None:
+        """Decode a whole item straight into `out` (uint8, exactly nbytes long)."""
+        blocks = item.block_list()
+        self.read_blocks(fqn, item, blocks, blocks, out=out)
+
+    def read_blocks(self, fqn: str, item: StoredItem, blocks: list[Block], wanted: list[Block],
+                    out: torch.Tensor | None = None, lo: int = 0) -> tuple[torch.Tensor, int]:
+        """Read, verify and decode `wanted` blocks of an item; returns (buffer, raw offset of
+        buffer[0]). The buffer spans the first to the last of them (bytes of blocks not
+        wanted stay unset); `out`, if given, is a uint8 buffer for the whole item."""
+        chosen = sorted(wanted, key=lambda b: b.raw_start)
+        if not chosen:
+            return torch.empty(0, dtype=torch.uint8), lo
+        if out is None:
+            base = chosen[0].raw_start
+            end = chosen[-1].raw_start + chosen[-1].raw_len
+            out = torch.empty(end - base, dtype=torch.uint8)
+        else:
+            base = 0
+        outmv = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
+        path = os.path.join(self.path, item.file)
+        rank = self.manifest.file_rank(item.file)
+        try:
+            f = self._ckpt.open_data(item.file)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{path} (rank {rank}): data file is missing, needed for {fqn!r}; the checkpoint "
+                f"is damaged, load an earlier one.", path=path, rank=rank, tensor=fqn) from None
+        except OSError as e:
+            raise CorruptCheckpointError(
+                f"{path} (rank {rank}): cannot read the data file ({e.strerror}), needed for "
+                f"{fqn!r}.", path=path, rank=rank, tensor=fqn) from None
+        index_of = {b.offset: i for i, b in enumerate(blocks)}
+        for off, length, run in geo.coalesce(chosen):
+            # Never ask for more than the file holds: a short read is reported as
+            # truncation of the block that runs past the end, by the codec.
+            data = f.pread(max(0, min(length, f.size - off)), off)
+            self.bytes_read += len(data)
+            first = run[0]
+            raw_end = run[-1].raw_start + run[-1].raw_len
+            # Blocks of one run are consecutive blocks of one item: one batch call
+            # decodes them in parallel (native: GIL released) straight into place.
+            codec.decode_item_blocks(
+                memoryview(data), [b.record for b in run],
+                outmv[first.raw_start - base: raw_end - base], self.threads, self.verify,
+                path=path, rank=rank, tensor=fqn, first_index=index_of[first.offset])
+        return out, base

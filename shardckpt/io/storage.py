@@ -1,0 +1,184 @@
+"""The Storage protocol: what the commit protocol and the reader need from where
+checkpoints live, and the local filesystem as its first implementation.
+
+Paths handed to a Storage are checkpoint paths (a directory on a filesystem, a
+prefix in an object store); names inside a checkpoint are relative and checked
+by the format layer before they get here. The local implementation opens a
+checkpoint as a directory file descriptor, so a reader keeps reading the
+checkpoint it opened even if an overwrite swaps another one in under the same
+name, and never follows a symlink out of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Protocol
+
+from ..errors import CorruptCheckpointError
+from ..format.names import MANIFEST_NAME, PARTIAL_MARKER, DirState
+
+# A manifest larger than this is not one shardckpt wrote (1M tensors of 4 chunks
+# is ~600 MB of JSON); refusing it keeps a hostile file from exhausting memory.
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+class RangeFile(Protocol):
+    size: int
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class OpenCheckpoint(Protocol):
+    path: str
+
+    def read_manifest(self) -> bytes: ...
+    def open_data(self, rel: str) -> RangeFile: ...
+    def close(self) -> None: ...
+
+
+class Storage(Protocol):
+    def state(self, path: str) -> DirState: ...
+    def open_checkpoint(self, path: str) -> OpenCheckpoint: ...
+
+
+def _open_regular(name: str, dir_fd: int | None, where: str) -> int:
+    """Open a regular file without following a symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptCheckpointError(f"{where}: is a symlink; shardckpt never follows links "
+                                         f"out of a checkpoint. Replace it by the file.",
+                                         path=where) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{where}: is not a regular file (a FIFO, device or "
+                                     f"directory); the checkpoint is damaged.", path=where)
+    os.set_blocking(fd, True)
+    return fd
+
+
+class LocalFile:
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = os.fstat(fd).st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalCheckpoint:
+    """A checkpoint directory held open by file descriptor."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._subdirs: dict[str, int] = {}
+        self._files: dict[str, LocalFile] = {}
+
+    def _dir_fd(self, sub: str) -> int:
+        fd = self._subdirs.get(sub)
+        if fd is None:
+            where = os.path.join(self.path, sub)
+            try:
+                fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._dfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CorruptCheckpointError(
+                        f"{where}: is not a directory of the checkpoint (a symlink or a file); "
+                        f"shardckpt never follows links out of a checkpoint.", path=where) from None
+                raise
+            self._subdirs[sub] = fd
+        return fd
+
+    def read_manifest(self) -> bytes:
+        where = os.path.join(self.path, MANIFEST_NAME)
+        fd = _open_regular(MANIFEST_NAME, self._dfd, where)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(f"{where}: {size} bytes is not a manifest "
+                                             f"shardckpt wrote; the checkpoint is damaged.",
+                                             path=where)
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def open_data(self, rel: str) -> LocalFile:
+        f = self._files.get(rel)
+        if f is None:
+            sub, name = rel.split("/", 1)  # validated by the format layer: data/<name>
+            where = os.path.join(self.path, rel)
+            f = self._files[rel] = LocalFile(_open_regular(name, self._dir_fd(sub), where), where)
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        for fd in self._subdirs.values():
+            os.close(fd)
+        self._files.clear()
+        self._subdirs.clear()
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
+
+    def __del__(self) -> None:  # a reader dropped without close() must not leak fds
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+class LocalStorage:
+    """Checkpoints as directories of a local (or POSIX network) filesystem."""
+
+    def state(self, path: str) -> DirState:
+        try:
+            st = os.stat(path)  # the path itself may be a link the user made
+        except FileNotFoundError:
+            return DirState.MISSING
+        except OSError:
+            return DirState.OTHER
+        if not stat.S_ISDIR(st.st_mode):
+            return DirState.OTHER
+        for name, state in ((MANIFEST_NAME, DirState.COMMITTED), (PARTIAL_MARKER, DirState.PARTIAL)):
+            try:
+                if stat.S_ISREG(os.lstat(os.path.join(path, name)).st_mode):
+                    return state
+            except OSError:
+                pass
+        try:
+            return DirState.EMPTY if not os.listdir(path) else DirState.OTHER
+        except OSError:
+            return DirState.OTHER
+
+    def open_checkpoint(self, path: str) -> LocalCheckpoint:
+        return LocalCheckpoint(path)
+
+
+LOCAL = LocalStorage()
+
+
+def storage_for(path: str) -> Storage:
+    """The Storage that holds `path` (the local filesystem for plain paths)."""
+    return LOCAL

@@ -1,0 +1,143 @@
+"""What a manager root holds: its committed step checkpoints, read without a process group.
+
+`list_checkpoints(root)` and `latest(root)` are for anyone (a dashboard, an
+evaluation job, a shell): no collectives, no signal handlers, no writes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CorruptCheckpointError, ShardckptError
+from ..format import DirState, Manifest
+from ..format.names import MANIFEST_NAME, trash_name
+from ..io.fsutil import remove_dir
+from ..io.reader import CheckpointReader, read_manifest
+from ..io.storage import storage_for
+from .names import LATEST_POINTER, parse_step
+from .pointers import Pointers
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint under a manager root."""
+
+    step: int
+    name: str
+    path: str
+    time: float  # commit time (manifest `created_unix`), seconds since the epoch
+    size_bytes: int  # data files + manifest, as the manifest records them
+    metrics: dict[str, Any]
+    pointers: tuple[str, ...]  # "latest" and/or "best" where a pointer names it
+    problem: str | None = None  # set when the manifest cannot be read
+
+
+def step_entries(root: str) -> list[tuple[int, str]]:
+    """(step, name) of every directory in `root` named like a step, symlinks excluded."""
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return []
+    out = []
+    for name in entries:
+        step = parse_step(name)
+        if step is None:
+            continue
+        try:
+            if not stat.S_ISDIR(os.lstat(os.path.join(root, name)).st_mode):
+                continue  # a symlinked step directory could lead anywhere
+        except OSError:
+            continue
+        out.append((step, name))
+    out.sort()
+    return out
+
+
+def manifest_size(m: Manifest, path: str) -> int:
+    try:
+        own = os.path.getsize(os.path.join(path, MANIFEST_NAME))
+    except OSError:
+        own = 0
+    return own + sum(f.size for f in m.files.values())
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
+    """Committed checkpoints under `root`, oldest step first; a damaged one has `problem` set."""
+    root = os.path.abspath(os.fspath(root))
+    ptrs = Pointers(root).names()
+    out = []
+    for step, name in step_entries(root):
+        path = os.path.join(root, name)
+        if storage_for(path).state(path) != DirState.COMMITTED:
+            continue
+        problem = None
+        metrics: dict[str, Any] = {}
+        size = 0
+        try:
+            m = read_manifest(path)
+            metrics = dict(m.user_metadata.get("metrics") or {}) if isinstance(
+                m.user_metadata.get("metrics"), dict) else {}
+            created = m.created_unix
+            size = manifest_size(m, path)
+        except (ShardckptError, OSError) as e:
+            problem = str(e)
+            try:
+                created = os.path.getmtime(path)
+            except OSError:
+                created = 0.0
+        out.append(CheckpointInfo(
+            step=step, name=name, path=path, time=created, size_bytes=size, metrics=metrics,
+            pointers=tuple(k for k, v in sorted(ptrs.items()) if v == name), problem=problem))
+    return out
+
+
+def latest(root: str | os.PathLike) -> str | None:
+    """Path of the newest valid committed checkpoint under `root`, or None.
+
+    The `latest` pointer wins when it names a committed checkpoint at least as
+    new as every other; otherwise the newest committed step directory.
+    """
+    root = os.path.abspath(os.fspath(root))
+    infos = [i for i in list_checkpoints(root) if i.problem is None]
+    if not infos:
+        return None
+    p = Pointers(root).read(LATEST_POINTER)
+    newest = infos[-1]
+    if p is not None:
+        named = [i for i in infos if i.name == p["name"]]
+        if named and named[0].step >= newest.step:
+            return named[0].path
+    return newest.path
+
+
+def precheck(reader: CheckpointReader) -> CorruptCheckpointError | None:
+    """Cheap check before a load: every data file is there with its recorded size."""
+    bad = []
+    for rel, info in sorted(reader.manifest.files.items()):
+        try:
+            size = reader.file_size(rel)
+        except ShardckptError as e:
+            bad.append(f"{rel} (rank {info.rank}): {e}")
+            continue
+        except OSError:
+            bad.append(f"{rel} (rank {info.rank}): data file is missing")
+            continue
+        if size != info.size:
+            bad.append(f"{rel} (rank {info.rank}): size {size} bytes, manifest says {info.size} "
+                       f"(truncated or overwritten)")
+    if bad:
+        return CorruptCheckpointError(f"{reader.path}: checkpoint is damaged: " + "; ".join(bad),
+                                      path=reader.path)
+    return None
+
+
+def delete_checkpoint(root: str, name: str) -> bool:
+    # Rename first: a kill during rmtree must not leave a half-deleted directory
+    # that still looks committed. The trash name is a leftover that the next
+    # save (or `shardckpt gc`) removes.
+    return remove_dir(os.path.join(root, name),
+                      os.path.join(root, trash_name(name, uuid.uuid4().hex[:12])))

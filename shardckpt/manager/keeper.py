@@ -1,0 +1,258 @@
+"""Rank 0's decisions about the root: what to delete, where the pointers go, what to load.
+
+The manager runs these on rank 0 only (inside `Control.decide`) and sends the
+outcome to every rank; nothing here is a collective.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from typing import Any
+
+from ..errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    InsufficientSpaceError,
+    NotACheckpointError,
+    UnsupportedFormatError,
+)
+from ..format import DirState
+from ..format.names import Leftover, trash_name
+from ..io.commit import staging_abandoned
+from ..io.fsutil import remove_dir
+from ..io.reader import CheckpointReader, find_partials
+from ..io.storage import storage_for
+from ..tools.verify import verify_reader
+from .catalog import CheckpointInfo, delete_checkpoint, list_checkpoints, precheck, step_entries
+from .leases import Leases
+from .names import BEST_POINTER, LATEST_POINTER, parse_leftover_in_root, parse_step, step_dir_name
+from .pointers import Pointers
+from .retention import Policy, metric_value
+
+# Damage that makes `restore()` fall back to the previous checkpoint. A state that
+# does not match (keys, shapes) is the caller's bug and is raised, never skipped.
+FALLBACK_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, NotACheckpointError,
+                   CheckpointNotFoundError, UnsupportedFormatError)
+
+
+class RootKeeper:
+    def __init__(self, root: str, *, policy: Policy, metric: str | None, mode: str,
+                 leases: Leases, verify_on_restore: str, space_margin: float,
+                 min_free_bytes: int) -> None:
+        self.root = root
+        self.policy = policy
+        self.metric = metric
+        self.mode = mode
+        self.pointers = Pointers(root)
+        self.leases = leases
+        self.verify_on_restore = verify_on_restore
+        self.space_margin = space_margin
+        self.min_free_bytes = min_free_bytes
+        self.pending_name: str | None = None  # an async save in flight: never touched
+        self.state_estimate: int | None = None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def protected(self) -> set[str]:
+        prot = set(self.pointers.names().values()) | self.leases.live_names()
+        if self.pending_name is not None:
+            prot.add(self.pending_name)
+        return prot
+
+    def droppable(self, infos: list[CheckpointInfo],
+                   extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
+        """What retention may delete, oldest first (`extra`: a save about to happen)."""
+        cands = [(i.step, metric_value(i.metrics, self.metric)) for i in infos]
+        if extra is not None:
+            cands = [c for c in cands if c[0] != extra[0]] + [extra]
+        keep = self.policy.keep(cands)
+        prot = self.protected()
+        return [i for i in infos if i.step not in keep and i.name not in prot
+                and (extra is None or i.step != extra[0])]
+
+    def clean_leftovers(self) -> None:
+        pending = self.pending_name
+        for e in os.listdir(self.root):
+            parsed = parse_leftover_in_root(e)
+            if parsed is None or parsed[0] == pending:
+                continue
+            path = self._path(e)
+            if parsed[1] == Leftover.OLD or staging_abandoned(path, older_than=0.0):
+                remove_dir(path, self._path(trash_name(parsed[0], uuid.uuid4().hex[:12])))
+
+    # ------------------------------------------------------------------ saving
+
+    def better(self, value: float, best: dict | None) -> bool:
+        if best is None or storage_for(self._path(best["name"])).state(
+                self._path(best["name"])) != DirState.COMMITTED:
+            return True
+        old = best.get("value")
+        if not isinstance(old, (int, float)) or math.isnan(old):
+            return True
+        return value < old if self.mode == "min" else value > old
+
+    def prepare_write(self, step: int, metrics: dict) -> dict:
+        """Rank 0, before anything is written: clean leftovers, make room or refuse."""
+        os.makedirs(self.root, exist_ok=True)
+        self.clean_leftovers()
+        infos = list_checkpoints(self.root)
+        prev = [i for i in infos if i.step != step]
+        estimate = prev[-1].size_bytes if prev else (self.state_estimate or 0)
+        need = int(estimate * self.space_margin) + self.min_free_bytes
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return {"freed": []}
+        droppable = self.droppable(infos, (step, metric_value(metrics, self.metric)))
+        reclaim = sum(i.size_bytes for i in droppable)
+        if free + reclaim < need:
+            raise InsufficientSpaceError(
+                f"{self.root}: not enough free space for step {step}: need about {need} bytes "
+                f"(size of the previous checkpoint x {self.space_margin}), {free} free, and "
+                f"retention may only drop {reclaim} bytes ({len(droppable)} checkpoint(s)). "
+                f"Nothing was written. Free disk space or lower keep_last / keep_best.")
+        freed = []
+        for i in droppable:  # oldest first
+            if free >= need:
+                break
+            delete_checkpoint(self.root, i.name)
+            freed.append(i.name)
+            free = shutil.disk_usage(self.root).free
+        return {"freed": freed}
+
+    def after_commit(self, step: int, metrics: dict) -> dict:
+        """Rank 0, once `step` is committed: move pointers, then apply retention."""
+        name = step_dir_name(step)
+        now = time.time()
+        moved = []
+        latest = self.pointers.read(LATEST_POINTER)
+        # A save of an older step (after restoring an old one) still becomes latest:
+        # it is what the run continues from.
+        if latest is None or latest.get("name") != name:
+            self.pointers.write(LATEST_POINTER, {"name": name, "step": step,
+                                                  "updated_unix": now})
+            moved.append("latest")
+        value = metric_value(metrics, self.metric)
+        if value is not None:
+            best = self.pointers.read(BEST_POINTER)
+            if self.better(value, best) or (best is not None and best.get("name") == name):
+                self.pointers.write(BEST_POINTER, {
+                    "name": name, "step": step, "metric": self.metric, "value": value,
+                    "mode": self.mode, "updated_unix": now})
+                moved.append("best")
+        deleted = []
+        for i in self.droppable(list_checkpoints(self.root)):
+            if delete_checkpoint(self.root, i.name):
+                deleted.append(i.name)
+        return {"pointers": moved, "deleted": deleted}
+
+    def cleanup_failed(self, step: int) -> None:
+        # shardckpt.save's coordinator removes its staging dir on failure; this
+        # also catches a leftover from a path where it could not.
+        for p in find_partials(self._path(step_dir_name(step))):
+            if staging_abandoned(p, older_than=0.0):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def space_error(self, step: int, e: BaseException) -> InsufficientSpaceError:
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = -1
+        kept = [i.name for i in list_checkpoints(self.root)]
+        return InsufficientSpaceError(
+            f"{self.root}: disk full while writing step {step} ({free} bytes free now): {e}. "
+            f"Nothing was committed and the partial checkpoint was removed; the previous "
+            f"checkpoints are intact ({', '.join(kept) or 'none'}). Free disk space or lower "
+            f"keep_last.")
+
+    def open_checked(self, name: str) -> tuple[CheckpointReader | None, BaseException | None]:
+        """Open one checkpoint and check it cheaply (or fully); the typed error if damaged."""
+        try:
+            reader = CheckpointReader(self._path(name))
+        except FALLBACK_ERRORS as e:
+            return None, e
+        try:
+            err = (verify_reader(reader, raise_on_error=False).error()
+                   if self.verify_on_restore == "full" else precheck(reader))
+        except FALLBACK_ERRORS as e:
+            err = e
+        if err is not None:
+            reader.close()
+            return None, err
+        return reader, None
+
+    def choose(self, step: int | None, which: str | None, exclude: set[str],
+                holder: dict) -> dict:
+        """Rank 0: pick the checkpoint to load, lease it, then check it."""
+        notes: list[str] = []
+        if step is not None or which is not None:
+            if step is not None:
+                matches = [n for s, n in step_entries(self.root) if s == step]
+                name = matches[-1] if matches else step_dir_name(step)
+            else:
+                fname = LATEST_POINTER if which == "latest" else BEST_POINTER
+                ptr = self.pointers.read(fname)
+                if ptr is None:
+                    raise CheckpointNotFoundError(
+                        f"{self.root}: no {which!r} pointer ({fname}); nothing to restore that "
+                        f"way. Use restore(state) for the newest valid checkpoint.")
+                name = ptr["name"]
+            holder["lease"] = self.leases.take(name)
+            holder["reader"], err = self.open_checked(name)
+            if err is not None:
+                raise err  # explicit choice: no silent fallback
+            return {"name": name, "notes": notes}
+        entries = step_entries(self.root)
+        newest = entries[-1][0] if entries else -1
+        for e in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
+            parsed = parse_leftover_in_root(e)
+            if parsed and parsed[1] == Leftover.PARTIAL:
+                s = parse_step(parsed[0])
+                if s is not None and s > newest:
+                    notes.append(f"{self._path(parsed[0])}: its save was interrupted and never "
+                                 f"committed (leftover {e}); ignored")
+        for _, name in reversed(entries):
+            path = self._path(name)
+            if name in exclude:
+                continue
+            if storage_for(path).state(path) != DirState.COMMITTED:
+                continue
+            holder["lease"] = self.leases.take(name)
+            holder["reader"], err = self.open_checked(name)
+            if err is None:
+                return {"name": name, "notes": notes}
+            self.leases.drop(holder.pop("lease"))
+            notes.append(f"skipping {path}: {err}")
+        return {"name": None, "notes": notes}
+
+    def repair_pointers(self, name: str, manifest: Any) -> None:
+        """Rank 0 after a restore: `latest` must not lag behind a committed checkpoint."""
+        try:
+            self.repair_pointers_unsafe(name, manifest)
+        except OSError as e:  # e.g. a read-only root for an evaluation job
+            warnings.warn(f"shardckpt.CheckpointManager: could not update pointers in "
+                          f"{self.root}: {e}", RuntimeWarning, stacklevel=2)
+
+    def repair_pointers_unsafe(self, name: str, manifest: Any) -> None:
+        step = parse_step(name)
+        latest = self.pointers.read(LATEST_POINTER)
+        stale = (latest is None
+                 or storage_for(self._path(latest["name"])).state(
+                     self._path(latest["name"])) != DirState.COMMITTED
+                 or (parse_step(latest["name"]) or -1) < (step or 0))
+        if stale:
+            self.pointers.write(LATEST_POINTER, {"name": name, "step": step,
+                                                  "updated_unix": time.time()})
+        if self.metric is None:
+            return
+        value = metric_value(manifest.user_metadata.get("metrics"), self.metric)
+        if value is not None and self.better(value, self.pointers.read(BEST_POINTER)):
+            self.pointers.write(BEST_POINTER, {
+                "name": name, "step": step, "metric": self.metric, "value": value,
+                "mode": self.mode, "updated_unix": time.time()})

@@ -1,0 +1,1 @@
+"""Offline tools over checkpoints: sources, reshard, convert, diff, audit, inspect, verify, gc, bench."""

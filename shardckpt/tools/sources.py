@@ -1,0 +1,307 @@
+"""One source abstraction over every checkpoint format the tools read.
+
+shardckpt checkpoints, stock DCP directories, torch.save files and safetensors
+(one file or a sharded directory with an index) are read key by key, tensors in
+row slabs where the format allows, so a checkpoint larger than RAM streams.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..api import quiet_no_dist
+from ..dcp.metadata import planner_data_from_json
+from ..errors import NotACheckpointError, UnsupportedFormatError
+from ..format import dtype_from_name
+from ..format.names import MANIFEST_NAME
+from ..io.reader import CheckpointReader, check_committed
+from .safetensors_io import SafetensorsFile
+
+# safetensors metadata keys under which non-tensor values and nesting travel.
+ST_OBJECTS = "shardckpt.objects"
+ST_PLANNER = "shardckpt.planner_data"
+ST_USER = "shardckpt.user_metadata"
+
+# Read granularity: large enough for sequential I/O, small enough to stream.
+DEFAULT_SLAB_BYTES = 8 << 20
+# Tensors smaller than this are not worth splitting across readers.
+DEFAULT_MIN_SPLIT_BYTES = 4096
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key of a source checkpoint."""
+
+    key: str
+    kind: str  # "tensor" or "object"
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] = ()
+    requires_grad: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind != "tensor":
+            return 0
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Source:
+    """What the tools read from: keys, tensor rows, objects. Subclasses per format."""
+
+    path: str = ""
+    entries: dict[str, Entry]
+    planner_data: dict[str, tuple] | None = None
+    user_metadata: dict[str, Any] = {}
+    codec: dict[str, Any] | None = None
+
+    def read_rows(self, key: str, start: int | None = None,
+                  stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (the whole tensor when start is None)."""
+        raise NotImplementedError
+
+    def read_object(self, key: str) -> Any:
+        raise NotImplementedError
+
+    def object_bytes(self, key: str) -> bytes:
+        """The object as torch.save bytes (sources that store such bytes return them as is)."""
+        buf = io.BytesIO()
+        torch.save(self.read_object(key), buf)
+        return buf.getvalue()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ShardSource(Source):
+    """A committed shardckpt checkpoint; reads only the blocks covering each request."""
+
+    def __init__(self, path: str, *, verify: bool = True) -> None:
+        self.path = path
+        self.reader = CheckpointReader(path, verify=verify)
+        self.manifest = self.reader.manifest
+        self.entries = {}
+        for k, t in self.manifest.tensors.items():
+            self.entries[k] = Entry(k, "tensor", dtype_from_name(t.dtype), tuple(t.shape),
+                                    t.requires_grad)
+        for k in self.manifest.objects:
+            self.entries[k] = Entry(k, "object")
+        self.planner_data = planner_data_from_json(self.manifest.planner_data) or None
+        self.user_metadata = dict(self.manifest.user_metadata)
+        self.codec = dict(self.manifest.codec)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def read_rows(self, key: str, start: int | None = None,
+                  stop: int | None = None) -> torch.Tensor:
+        shape = list(self.entries[key].shape)
+        if start is None or not shape:
+            return self.reader.read_region(key)
+        return self.reader.read_region(key, [start] + [0] * (len(shape) - 1),
+                                       [stop - start] + shape[1:])
+
+    def read_object(self, key: str) -> Any:
+        return self.reader.read_object(key)
+
+    def object_bytes(self, key: str) -> bytes:
+        # Copy the stored bytes verbatim (checksummed on read) instead of a
+        # load/save round trip that could change their encoding.
+        return self.reader.object_bytes(key)
+
+
+def row_bytes(e: Entry) -> int:
+    n = torch.empty((), dtype=e.dtype).element_size()
+    for s in e.shape[1:]:
+        n *= s
+    return n
+
+
+def iter_slabs(src: Source, e: Entry, start: int, stop: int,
+               slab_bytes: int = DEFAULT_SLAB_BYTES) -> Iterator[torch.Tensor]:
+    """Rows [start, stop) of a tensor in pieces of at most ~slab_bytes (at least one row)."""
+    if not e.shape:
+        yield src.read_rows(e.key)
+        return
+    step = max(1, slab_bytes // max(1, row_bytes(e)))
+    for a in range(start, stop, step):
+        yield src.read_rows(e.key, a, min(stop, a + step))
+
+
+class TorchSource(Source):
+    """A torch.save file, memory-mapped and loaded under weights_only rules."""
+
+    def __init__(self, path: str) -> None:
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+        self.path = path
+        try:
+            obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise NotACheckpointError(
+                f"{path}: cannot be read as a torch.save file under weights_only rules ({e}). "
+                f"Only plain tensors / containers are accepted.") from None
+        if not isinstance(obj, dict):
+            obj = {"value": obj}
+        self.flat, mappings = flatten_state_dict(obj)
+        self.planner_data = dict(mappings)
+        self.entries = {k: (Entry(k, "tensor", v.dtype, tuple(v.shape))
+                            if isinstance(v, torch.Tensor) else Entry(k, "object"))
+                        for k, v in self.flat.items()}
+        self.user_metadata = {}
+
+    def read_rows(self, key: str, start: int | None = None,
+                  stop: int | None = None) -> torch.Tensor:
+        t = self.flat[key]
+        return t if start is None or t.dim() == 0 else t[start:stop]
+
+    def read_object(self, key: str) -> Any:
+        return self.flat[key]
+
+
+class SafetensorsSource(Source):
+    """One .safetensors file, or a sharded set described by a *.index.json."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        if path.endswith(".json"):
+            with open(path, "rb") as f:
+                index = json.loads(f.read())
+            base = os.path.dirname(path)
+            for name in sorted(set(index["weight_map"].values())):
+                self.files[name] = SafetensorsFile(os.path.join(base, name))
+        else:
+            self.files[os.path.basename(path)] = SafetensorsFile(path)
+        self.entries = {}
+        meta: dict[str, str] = {}
+        for sf in self.files.values():
+            meta.update(sf.metadata)
+            for name, e in sf.entries.items():
+                self.entries[name] = Entry(name, "tensor", e.dtype, e.shape)
+                self.where[name] = sf
+        self.objects: dict[str, Any] = json.loads(meta.get(ST_OBJECTS, "{}"))
+        for k in self.objects:
+            self.entries[k] = Entry(k, "object")
+        pd = json.loads(meta.get(ST_PLANNER, "null"))
+        self.planner_data = planner_data_from_json(pd) if pd else None
+        self.user_metadata = json.loads(meta.get(ST_USER, "{}"))
+
+    def read_rows(self, key: str, start: int | None = None,
+                  stop: int | None = None) -> torch.Tensor:
+        return self.where[key].read(key, start, stop)
+
+    def read_object(self, key: str) -> Any:
+        return self.objects[key]
+
+
+class DCPSource(Source):
+    """A stock DCP directory (FileSystemWriter layout with `.metadata`).
+
+    DCP reads whole chunks, so a tensor is loaded at once (and kept until the next
+    tensor is asked for); no process group is needed.
+    """
+
+    def __init__(self, path: str) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        self._reader_cls = FileSystemReader
+        md = FileSystemReader(path).read_metadata()
+        self.entries = {}
+        for k, m in md.state_dict_metadata.items():
+            if isinstance(m, TensorStorageMetadata):
+                self.entries[k] = Entry(k, "tensor", m.properties.dtype, tuple(m.size),
+                                        bool(m.properties.requires_grad))
+            else:
+                self.entries[k] = Entry(k, "object")
+        pd = md.planner_data
+        self.planner_data = dict(pd) if isinstance(pd, dict) else None
+        self.user_metadata = {}
+        self._cache: tuple[str, Any] | None = None
+
+    def _load(self, key: str, placeholder: Any) -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        from ..dcp.planner import SafeLoadPlanner
+
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        self._cache = None  # drop the previous tensor before reading the next
+        state = {key: placeholder}
+        with quiet_no_dist():
+            dcp.load(state, storage_reader=self._reader_cls(self.path),
+                     planner=SafeLoadPlanner(strict=False, path=self.path))
+        self._cache = (key, state[key])
+        return state[key]
+
+    def read_rows(self, key: str, start: int | None = None,
+                  stop: int | None = None) -> torch.Tensor:
+        e = self.entries[key]
+        t = self._load(key, torch.empty(e.shape, dtype=e.dtype))
+        return t if start is None or t.dim() == 0 else t[start:stop]
+
+    def read_object(self, key: str) -> Any:
+        return self._load(key, 0)
+
+
+def detect(path: str) -> str:
+    """'shardckpt', 'dcp', 'safetensors' or 'torch' for an existing path."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+            return "shardckpt"
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return "dcp"
+        idx = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+        if len(idx) == 1 or any(f.endswith(".safetensors") for f in os.listdir(path)):
+            return "safetensors"
+        check_committed(path)  # raises the right typed error (partial, not a checkpoint)
+    if not os.path.exists(path):
+        check_committed(path)  # CheckpointNotFoundError / IncompleteCheckpointError
+    if path.endswith((".safetensors", ".safetensors.index.json")):
+        return "safetensors"
+    return "torch"
+
+
+def open_source(path: str | os.PathLike, kind: str | None = None) -> Source:
+    """Open any supported checkpoint for streaming reads."""
+    path = os.fspath(path)
+    kind = kind or detect(path)
+    if kind == "shardckpt":
+        return ShardSource(path)
+    if kind == "dcp":
+        return DCPSource(path)
+    if kind == "safetensors":
+        if os.path.isdir(path):
+            names = os.listdir(path)
+            idx = [f for f in names if f.endswith(".safetensors.index.json")]
+            if idx:
+                return SafetensorsSource(os.path.join(path, idx[0]))
+            files = [f for f in names if f.endswith(".safetensors")]
+            if len(files) != 1:
+                raise NotACheckpointError(f"{path}: {len(files)} .safetensors files and no "
+                                          f"index json; pass the file or the index.")
+            return SafetensorsSource(os.path.join(path, files[0]))
+        return SafetensorsSource(path)
+    if kind == "torch":
+        return TorchSource(path)
+    raise UnsupportedFormatError(f"unknown source format {kind!r}")

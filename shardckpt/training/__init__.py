@@ -1,0 +1,1 @@
+"""Training-state capture: TrainState, data position, seeding, ZeRO optimizer state."""
