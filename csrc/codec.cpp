@@ -283,51 +283,109 @@ BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress,
   return rec;
 }
 
+namespace {
+
+// A mode or plane kind for an error message: the letter if printable ASCII,
+// else \xNN, so a message is always valid UTF-8.
+std::string show(char c) {
+  const auto u = static_cast<unsigned char>(c);
+  if (u >= 0x20 && u < 0x7F) return std::string("'") + c + "'";
+  static const char* hex = "0123456789abcdef";
+  return std::string("'\\x") + hex[u >> 4] + hex[u & 15] + "'";
+}
+
+}  // namespace
+
 void validate_record(const BlockRecord& rec) {
   switch (rec.mode) {
     case kModeRaw:
       if (rec.stored_len != rec.raw_len) throw CodecError("raw block with stored != raw length");
       return;
     case kModeZstd:
+      // Even an empty input makes a frame of a dozen bytes.
+      if (rec.stored_len == 0) throw CodecError("empty zstd frame");
       return;
     case kModeGrouped: {
       if (rec.group < 1 || rec.group > kMaxGroup) throw CodecError("bad plane count");
-      if (rec.raw_len % rec.group != 0) throw CodecError("raw length is not a multiple of planes");
-      const size_t m = rec.raw_len / rec.group;
-      size_t sum = 0;
+      const size_t group = static_cast<size_t>(rec.group);
+      if (rec.raw_len % group != 0) throw CodecError("raw length is not a multiple of planes");
+      const size_t m = rec.raw_len / group;
+      // `left` is what the planes not yet seen may still use; comparing
+      // before subtracting means no length, however large, can wrap a sum.
+      size_t left = rec.stored_len;
       for (int k = 0; k < rec.group; ++k) {
+        const size_t len = rec.lens[k];
         if (rec.kinds[k] == kModeRaw) {
-          if (rec.lens[k] != m) throw CodecError("raw plane of the wrong length");
-        } else if (rec.kinds[k] != kModeZstd) {
-          throw CodecError(std::string("unknown plane kind '") + rec.kinds[k] + "'");
+          if (len != m) throw CodecError("raw plane of the wrong length");
+        } else if (rec.kinds[k] == kModeZstd) {
+          if (len == 0) throw CodecError("empty zstd plane");
+        } else {
+          throw CodecError("unknown plane kind " + show(rec.kinds[k]));
         }
-        sum += rec.lens[k];
+        if (len > left) throw CodecError("plane lengths do not add up to the block");
+        left -= len;
       }
-      if (sum != rec.stored_len) throw CodecError("plane lengths do not add up to the block");
+      if (left != 0) throw CodecError("plane lengths do not add up to the block");
       return;
     }
     default:
-      throw CodecError(std::string("unknown block mode '") + rec.mode + "'");
+      throw CodecError("unknown block mode " + show(rec.mode));
   }
 }
 
-void decode_block(const uint8_t* stored, const BlockRecord& rec, uint8_t* out) {
+void validate_record(const BlockRecord& rec, size_t stored_size, size_t out_size) {
+  if (rec.stored_len != stored_size) {
+    throw CodecError("stored block is " + std::to_string(stored_size) + " bytes, record says " +
+                     std::to_string(rec.stored_len));
+  }
+  if (rec.raw_len != out_size) {
+    throw CodecError("output buffer is " + std::to_string(out_size) + " bytes, block holds " +
+                     std::to_string(rec.raw_len));
+  }
+  validate_record(rec);
+}
+
+namespace {
+
+// Decodes src[0, len), which must be exactly one zstd frame declaring `cap`
+// bytes of content, into dst[0, cap). The declared size is checked before
+// anything is decoded, trailing bytes and further frames are refused, and
+// zstd is never given more than `cap` bytes of room.
+void unzstd(ZSTD_DCtx* dctx, uint8_t* dst, size_t cap, const uint8_t* src, size_t len) {
+  const size_t frame = ZSTD_findFrameCompressedSize(src, len);
+  if (ZSTD_isError(frame)) throw CodecError(std::string("zstd: ") + ZSTD_getErrorName(frame));
+  if (frame != len) {
+    throw CodecError("zstd frame is " + std::to_string(frame) + " of " + std::to_string(len) +
+                     " stored bytes");
+  }
+  const unsigned long long declared = ZSTD_getFrameContentSize(src, len);
+  if (declared == ZSTD_CONTENTSIZE_ERROR) throw CodecError("zstd: bad frame header");
+  if (declared == ZSTD_CONTENTSIZE_UNKNOWN) throw CodecError("zstd frame does not declare its size");
+  if (declared != cap) {
+    throw CodecError("zstd frame declares " + std::to_string(declared) + " bytes, expected " +
+                     std::to_string(cap));
+  }
+  const size_t r = ZSTD_decompressDCtx(dctx, dst, cap, src, len);
+  if (ZSTD_isError(r)) throw CodecError(std::string("zstd: ") + ZSTD_getErrorName(r));
+  if (r != cap) {
+    throw CodecError("zstd frame holds " + std::to_string(r) + " bytes, expected " +
+                     std::to_string(cap));
+  }
+}
+
+}  // namespace
+
+void decode_block(const uint8_t* stored, size_t stored_size, const BlockRecord& rec, uint8_t* out,
+                  size_t out_size) {
+  validate_record(rec, stored_size, out_size);
   const size_t n = rec.raw_len;
   if (rec.mode == kModeRaw) {
     if (n) std::memcpy(out, stored, n);
     return;
   }
   Workspace& ws = workspace();
-  auto unzstd = [&](uint8_t* dst, size_t cap, const uint8_t* src, size_t len) {
-    const size_t r = ZSTD_decompressDCtx(ws.dctx(), dst, cap, src, len);
-    if (ZSTD_isError(r)) throw CodecError(std::string("zstd: ") + ZSTD_getErrorName(r));
-    if (r != cap) {
-      throw CodecError("zstd frame holds " + std::to_string(r) + " bytes, expected " +
-                       std::to_string(cap));
-    }
-  };
   if (rec.mode == kModeZstd) {
-    unzstd(out, n, stored, rec.stored_len);
+    unzstd(ws.dctx(), out, n, stored, rec.stored_len);
     return;
   }
   // Compressed planes decompress straight into per-thread scratch and raw
@@ -339,12 +397,12 @@ void decode_block(const uint8_t* stored, const BlockRecord& rec, uint8_t* out) {
   size_t off = 0;
   for (int k = 0; k < group; ++k) {
     if (rec.kinds[k] == kModeZstd) {
-      unzstd(scratch + k * m, m, stored + off, rec.lens[k]);
+      unzstd(ws.dctx(), scratch + k * m, m, stored + off, rec.lens[k]);
       planes[k] = scratch + k * m;
     } else {
       planes[k] = stored + off;
     }
-    off += rec.lens[k];
+    off += rec.lens[k];  // validated: off + lens[k] <= stored_len, no wrap
   }
   merge_planes(planes, m, group, out);
 }

@@ -44,12 +44,24 @@ uint32_t crc32(const uint8_t* data, size_t n);
 BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress, int level,
                          size_t sample_size, uint8_t* dst);
 
-// Checks that a record is self-consistent (plane lengths add up, kinds are
-// known, raw length divides into planes). Throws CodecError.
+// Checks that a record is self-consistent, with every length checked so that
+// no sum can wrap: kinds are known, the raw length divides into the planes, a
+// raw plane holds exactly raw_len / group bytes, each plane length fits in
+// the stored bytes left before it is added, and the plane lengths add up to
+// stored_len exactly. Throws CodecError.
 void validate_record(const BlockRecord& rec);
 
-// Decodes one validated block into out[0, rec.raw_len). Does not check the crc.
-void decode_block(const uint8_t* stored, const BlockRecord& rec, uint8_t* out);
+// validate_record, plus the record against the buffers it is applied to:
+// stored_len must be the stored buffer's length and raw_len the output's.
+void validate_record(const BlockRecord& rec, size_t stored_size, size_t out_size);
+
+// Decodes one block into out[0, out_size). Validates the record against both
+// buffer sizes first (it never trusts a length it did not check), requires
+// every zstd frame to be exactly one frame that fills its plane and declares
+// the expected content size, and never writes past out_size. Does not check
+// the crc. Throws CodecError.
+void decode_block(const uint8_t* stored, size_t stored_size, const BlockRecord& rec, uint8_t* out,
+                  size_t out_size);
 
 std::string zstd_version();
 

@@ -81,6 +81,8 @@ PyObject* record_to_list(const BlockRecord& r) {
   return list;
 }
 
+// A record length or checksum: a Python int in [0, 2**64). Anything else
+// (negative, too large, float, str, list, None) is refused without raising.
 bool parse_size(PyObject* obj, size_t* out) {
   if (!PyLong_Check(obj)) return false;
   *out = PyLong_AsSize_t(obj);
@@ -121,14 +123,27 @@ bool parse_record(PyObject* obj, BlockRecord* r, std::string* why) {
     }
     r->mode = mode[0];
     if (r->mode == shardckpt::kModeGrouped) {
-      if (len < 6 || !PyUnicode_Check(it[4]) || !PyList_Check(it[5])) {
+      if (len < 6 || !PyUnicode_Check(it[4]) || !(PyList_Check(it[5]) || PyTuple_Check(it[5]))) {
         *why = "malformed grouped block record";
         break;
       }
       Py_ssize_t nk = 0;
       const char* kinds = PyUnicode_AsUTF8AndSize(it[4], &nk);
+      // Kinds are ASCII letters: a non-ASCII string's UTF-8 bytes would be
+      // counted as planes.
+      bool ascii = kinds != nullptr;
+      for (Py_ssize_t k = 0; ascii && k < nk; ++k) {
+        ascii = static_cast<unsigned char>(kinds[k]) < 0x80;
+      }
+      if (!ascii) {
+        PyErr_Clear();
+        *why = "malformed plane kinds";
+        break;
+      }
+      // One length per plane: a list longer or shorter than the kinds string
+      // is a damaged record, not something to index past.
       if (kinds == nullptr || nk < 1 || nk > shardckpt::kMaxGroup ||
-          PyList_GET_SIZE(it[5]) != nk) {
+          PySequence_Fast_GET_SIZE(it[5]) != nk) {
         PyErr_Clear();
         *why = "malformed plane list";
         break;
@@ -137,7 +152,7 @@ bool parse_record(PyObject* obj, BlockRecord* r, std::string* why) {
       bool lens_ok = true;
       for (Py_ssize_t k = 0; k < nk; ++k) {
         r->kinds[k] = kinds[k];
-        lens_ok = lens_ok && parse_size(PyList_GET_ITEM(it[5], k), &r->lens[k]);
+        lens_ok = lens_ok && parse_size(PySequence_Fast_GET_ITEM(it[5], k), &r->lens[k]);
       }
       if (!lens_ok) {
         *why = "malformed plane lengths";
@@ -174,6 +189,11 @@ PyObject* block_error(Py_ssize_t index, const char* reason, const std::string& d
   Py_DECREF(exc);
   return nullptr;
 }
+
+constexpr size_t kSaturated = static_cast<size_t>(-1);
+
+// a + b, or kSaturated if that does not fit in a size_t.
+size_t sat_add(size_t a, size_t b) { return b > kSaturated - a ? kSaturated : a + b; }
 
 bool check_group(int group) {
   if (group < 1 || group > shardckpt::kMaxGroup) {
@@ -249,7 +269,7 @@ PyObject* py_decode_block(PyObject*, PyObject* args) {
   std::string err;
   Py_BEGIN_ALLOW_THREADS
   try {
-    shardckpt::decode_block(stored.data(), rec, out.mutable_data());
+    shardckpt::decode_block(stored.data(), stored.size(), rec, out.mutable_data(), out.size());
   } catch (const std::exception& e) {
     err = e.what();
   }
@@ -367,19 +387,27 @@ PyObject* py_decode_blocks(PyObject*, PyObject* args) {
       Py_DECREF(seq);
       return block_error(i, "record", why);
     }
-    stored_off[i + 1] = stored_off[i] + recs[i].stored_len;
-    raw_off[i + 1] = raw_off[i] + recs[i].raw_len;
+    // Offsets saturate instead of wrapping: a length near 2**64 must not
+    // bring a later block's offset back inside the buffers. A saturated
+    // offset is past the end of any buffer, so the checks below refuse it.
+    stored_off[i + 1] = sat_add(stored_off[i], recs[i].stored_len);
+    raw_off[i + 1] = sat_add(raw_off[i], recs[i].raw_len);
   }
   Py_DECREF(seq);
   Buffer stored, out;
   if (!get_buffer(stored_obj, &stored, false) || !get_buffer(out_obj, &out, true)) return nullptr;
-  if (out.size() != raw_off[nblocks]) {
+  if (out.size() != raw_off[nblocks] || raw_off[nblocks] == kSaturated) {
+    if (raw_off[nblocks] == kSaturated) {
+      return PyErr_Format(PyExc_ValueError,
+                          "output buffer is %zd bytes, the blocks hold more than 2**64 - 1",
+                          out.view.len);
+    }
     return PyErr_Format(PyExc_ValueError, "output buffer is %zd bytes, the blocks hold %zu",
                         out.view.len, raw_off[nblocks]);
   }
   // A short read shows up as the first block that runs past the end.
   for (Py_ssize_t i = 0; i < nblocks; ++i) {
-    if (stored_off[i + 1] > stored.size()) {
+    if (stored_off[i + 1] > stored.size() || stored_off[i + 1] == kSaturated) {
       const size_t have = stored.size() > stored_off[i] ? stored.size() - stored_off[i] : 0;
       return block_error(i, "truncated",
                          "truncated (" + std::to_string(have) + " of " +
@@ -407,7 +435,7 @@ PyObject* py_decode_blocks(PyObject*, PyObject* args) {
             return;
           }
           try {
-            shardckpt::decode_block(s, r, dst + raw_off[i]);
+            shardckpt::decode_block(s, r.stored_len, r, dst + raw_off[i], r.raw_len);
           } catch (const std::exception& e) {
             errs[i] = e.what();
           }
