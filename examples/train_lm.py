@@ -1,21 +1,15 @@
-"""Train a small decoder-only language model under FSDP2 with shardckpt checkpoints.
+"""Train a small decoder-only LM under FSDP2, checkpointed with shardckpt.
 
-Launch (any world size, including 1; gloo on CPU, NCCL on GPUs):
-
-    scripts/launch_multi_gpu.sh --nproc-per-node 4 examples/train_lm.py \
-        --ckpt-dir /tmp/ckpt --max-steps 200 --save-every 20
+    scripts/launch_multi_gpu.sh --nproc-per-node 4 examples/train_lm.py --ckpt-dir /tmp/ckpt
     # ...interrupted; later, on another world size:
-    scripts/launch_multi_gpu.sh --nproc-per-node 2 examples/train_lm.py \
-        --ckpt-dir /tmp/ckpt --max-steps 200 --save-every 20 --resume
+    scripts/launch_multi_gpu.sh --nproc-per-node 2 examples/train_lm.py --ckpt-dir /tmp/ckpt --resume
 
-Checkpointing is the user-facing shardckpt API only: one `TrainState` (model,
-optimizer, scheduler, data position, RNG, step) saved by a `CheckpointManager`
-as `{"train": ts}` every K steps; `--resume` is `mgr.restore({"train": ts})`.
-
-The data is a seeded random Markov chain over the vocabulary, so the loss has a
-known floor (the chain's entropy). Sequence ``i`` is a pure function of
-``(seed, i)`` and the *global* batch is fixed, so a run resumed on another
-number of ranks sees the same tokens the interrupted run would have seen.
+Checkpointing uses the public API only: a `TrainState` (model, optimizer,
+scheduler, data position, RNG, step) saved by a `CheckpointManager` as
+`{"train": ts}` every --save-every steps; --resume is `mgr.restore({"train": ts})`.
+The data is a seeded Markov chain (known loss floor); sequence i depends only on
+(seed, i) and the global batch is fixed, so a run resumed on another number of
+ranks sees the same tokens as the interrupted one.
 """
 
 from __future__ import annotations
@@ -62,7 +56,6 @@ class MarkovSequences(Dataset):
         self._cum: list[list[float]] = cum.tolist()
 
     def entropy_rate(self) -> float:
-        """Approximate loss floor in nats."""
         return float(-(self.probs * self.probs.log()).sum(dim=1).mean())
 
     def __len__(self) -> int:
@@ -149,17 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", type=Path, default=Path("out/train_lm_ckpt"))
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--save-every", type=int, default=20, help="checkpoint every K steps (0: never)")
-    p.add_argument("--keep-last", type=int, default=None,
-                   help="retention: keep the newest N checkpoints (default: all)")
+    p.add_argument("--keep-last", type=int, default=None, help="keep the newest N (default all)")
     p.add_argument("--resume", action="store_true", help="restore the newest valid checkpoint")
-    p.add_argument("--stop-after", type=int, default=None, metavar="S",
-                   help="simulate a crash: every rank calls os._exit(17) right after step S")
-    p.add_argument("--summary-json", type=Path, default=None,
-                   help="rank 0 writes a JSON summary of the run here at the end")
-    p.add_argument("--metrics-jsonl", type=Path, default=None,
-                   help="rank 0 appends one flushed JSON line per step and per save")
-    p.add_argument("--global-batch", type=int, default=8,
-                   help="sequences per step over all ranks (must divide by the world size)")
+    p.add_argument("--stop-after", type=int, metavar="S", help="os._exit(17) after step S")
+    p.add_argument("--summary-json", type=Path, help="rank 0 writes a run summary here")
+    p.add_argument("--metrics-jsonl", type=Path, help="rank 0: a JSON line per step and save")
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per step, all ranks")
     for flag, default in (("--log-every", 10), ("--seed", 1234), ("--vocab", 1024),
                           ("--d-model", 128), ("--n-layers", 3), ("--n-heads", 4),
                           ("--seq-len", 32), ("--warmup", 10), ("--lr", 1e-2),
