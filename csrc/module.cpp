@@ -84,7 +84,8 @@ PyObject* record_to_list(const BlockRecord& r) {
 // A record length or checksum: a Python int in [0, 2**64). Anything else
 // (negative, too large, float, str, list, None) is refused without raising.
 bool parse_size(PyObject* obj, size_t* out) {
-  if (!PyLong_Check(obj)) return false;
+  // bool is an int subclass in Python; the format (and the Python twin) reject it.
+  if (!PyLong_Check(obj) || PyBool_Check(obj)) return false;
   *out = PyLong_AsSize_t(obj);
   if (*out == static_cast<size_t>(-1) && PyErr_Occurred()) {
     PyErr_Clear();
@@ -122,6 +123,11 @@ bool parse_record(PyObject* obj, BlockRecord* r, std::string* why) {
       break;
     }
     r->mode = mode[0];
+    // Exactly the fields the format defines: 4, or 6 for byte planes.
+    if (len != (r->mode == shardckpt::kModeGrouped ? 6 : 4)) {
+      *why = "malformed block record (wrong number of fields)";
+      break;
+    }
     if (r->mode == shardckpt::kModeGrouped) {
       if (len < 6 || !PyUnicode_Check(it[4]) || !(PyList_Check(it[5]) || PyTuple_Check(it[5]))) {
         *why = "malformed grouped block record";
@@ -142,7 +148,7 @@ bool parse_record(PyObject* obj, BlockRecord* r, std::string* why) {
       }
       // One length per plane: a list longer or shorter than the kinds string
       // is a damaged record, not something to index past.
-      if (kinds == nullptr || nk < 1 || nk > shardckpt::kMaxGroup ||
+      if (kinds == nullptr || nk < 2 || nk > shardckpt::kMaxGroup ||
           PySequence_Fast_GET_SIZE(it[5]) != nk) {
         PyErr_Clear();
         *why = "malformed plane list";

@@ -143,6 +143,11 @@ def decode_item_blocks(stored: memoryview, recs: list[list], out: memoryview,
             raise _corrupt(path, rank, tensor, index, f"does not decode ({e})") from e
         return
     _warn_python_once()
+    for i, rec in enumerate(recs):
+        problem = fmt.record_problem(rec)
+        if problem is not None:
+            raise _corrupt(path, rank, tensor, first_index + i,
+                           f"does not decode (malformed record: {problem})")
     total = sum(r[1] for r in recs)
     if len(out) != total:
         raise ValueError(f"output buffer is {len(out)} bytes, the blocks hold {total}")
@@ -161,7 +166,8 @@ def decode_item_blocks(stored: memoryview, recs: list[list], out: memoryview,
             check_block(data, rec, path=path, rank=rank, tensor=tensor, index=index)
         try:
             py_decode_block(data, rec, dst)
-        except (ValueError, IndexError, TypeError, zstandard.ZstdError) as e:
+        except (ValueError, IndexError, TypeError, KeyError, OverflowError, MemoryError,
+                zstandard.ZstdError) as e:
             raise _corrupt(path, rank, tensor, index, f"does not decode ({e})") from e
 
     if len(jobs) > 1:

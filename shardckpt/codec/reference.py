@@ -72,15 +72,37 @@ def py_encode_block(raw: memoryview, group: int, cfg: CodecConfig) -> tuple[byte
     return stored, [len(stored), n, zlib.crc32(stored), fmt.MODE_GROUPED, "".join(kinds), lens]
 
 
+def _unzstd(seg: memoryview, expected: int) -> bytes:
+    """One zstd frame that fills `seg` and declares exactly `expected` bytes, decoded.
+
+    The declared size is checked before anything is allocated, and trailing
+    bytes or a second frame are damage, as in the native twin.
+    """
+    try:
+        declared = zstandard.frame_content_size(seg)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"not a zstd frame ({e})") from None
+    if declared != expected:
+        raise ValueError(f"the zstd frame declares {declared} bytes, the block {expected}")
+    dobj = _dctx().decompressobj()
+    data = dobj.decompress(seg)
+    if len(data) != expected or dobj.unused_data or not dobj.eof:
+        raise ValueError("the zstd frame does not fill its block exactly")
+    return data
+
+
 def py_decode_block(stored: memoryview, rec: list, out: memoryview) -> None:
     """Decode one block (already checksum-verified) into `out` (len == raw_len)."""
+    problem = fmt.record_problem(rec, len(stored), len(out))
+    if problem is not None:
+        raise ValueError(problem)
     n = rec[1]
     mode = rec[3]
     if mode == fmt.MODE_RAW:
         out[:] = stored
     elif mode == fmt.MODE_ZSTD:
-        out[:] = _dctx().decompress(stored, max_output_size=n)
-    elif mode == fmt.MODE_GROUPED:
+        out[:] = _unzstd(stored, n)
+    else:
         kinds, lens = rec[4], rec[5]
         group = len(kinds)
         dst = np.frombuffer(out, dtype=np.uint8).reshape(-1, group)
@@ -88,10 +110,5 @@ def py_decode_block(stored: memoryview, rec: list, out: memoryview) -> None:
         for k in range(group):
             seg = stored[off:off + lens[k]]
             off += lens[k]
-            if kinds[k] == fmt.MODE_ZSTD:
-                plane = _dctx().decompress(seg, max_output_size=n // group)
-            else:
-                plane = seg
+            plane = _unzstd(seg, n // group) if kinds[k] == fmt.MODE_ZSTD else seg
             dst[:, group - 1 - k] = np.frombuffer(plane, dtype=np.uint8)
-    else:
-        raise ValueError(f"unknown block mode {mode!r}")

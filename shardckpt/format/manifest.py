@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
 from . import dtypes
-from .blocks import MAX_BLOCK_SIZE, MODE_GROUPED, MODE_RAW, MODE_ZSTD, Block, item_blocks
+from .blocks import MAX_BLOCK_SIZE, MODE_GROUPED, Block, item_blocks, record_problem
 from .names import FORMAT_NAME, is_data_file_name
 from .versions import FORMAT_VERSION, migrate
 
@@ -78,36 +78,13 @@ class FileEntry:
 
 def check_block_record(rec: Any, where: str, group: int, block_size: int) -> list:
     """Validate one block record; returns it (a JSON list, as the codecs take it)."""
-    rec = _list(rec, where)
-    if len(rec) < 4:
-        raise _bad(where, f"a block record has at least 4 fields, got {len(rec)}")
-    stored = _int(rec[0], f"{where}[0]")
-    raw = _int(rec[1], f"{where}[1]", 0, block_size)
-    _int(rec[2], f"{where}[2]", 0, 0xFFFFFFFF)
-    mode = rec[3]
-    if mode == MODE_RAW or mode == MODE_ZSTD:
-        if len(rec) != 4:
-            raise _bad(where, f"mode {mode!r} has 4 fields, got {len(rec)}")
-        if mode == MODE_RAW and stored != raw:
-            raise _bad(where, f"raw block stores {stored} bytes for {raw}")
-        return rec
-    if mode != MODE_GROUPED:
-        raise _bad(f"{where}[3]", f"unknown block mode {mode!r}")
-    if len(rec) != 6 or group < 2:
-        raise _bad(where, "byte planes need 6 fields and a byte-grouped dtype")
-    kinds, lens = rec[4], _list(rec[5], f"{where}[5]")
-    if not isinstance(kinds, str) or len(kinds) != group or set(kinds) - {"z", "r"}:
-        raise _bad(f"{where}[4]", f"expected {group} plane kinds of 'z'/'r', got {kinds!r:.40}")
-    if len(lens) != group or raw % group:
-        raise _bad(where, f"{len(lens)} plane lengths for {group} planes of {raw} bytes")
-    total = 0
-    for i, (k, n) in enumerate(zip(kinds, lens)):
-        n = _int(n, f"{where}[5][{i}]", 0, stored)
-        if k == "r" and n != raw // group:
-            raise _bad(f"{where}[5][{i}]", f"raw plane of {n} bytes, expected {raw // group}")
-        total += n
-    if total != stored:
-        raise _bad(where, f"plane lengths sum to {total}, block stores {stored}")
+    problem = record_problem(rec)
+    if problem is not None:
+        raise _bad(where, problem)
+    if rec[1] > block_size:
+        raise _bad(f"{where}[1]", f"{rec[1]} raw bytes in a block of at most {block_size}")
+    if rec[3] == MODE_GROUPED and len(rec[4]) != group:
+        raise _bad(f"{where}[4]", f"{len(rec[4])} byte planes for a dtype of {group}")
     return rec
 
 
