@@ -106,16 +106,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from .tools.diff import check_model, diff_checkpoints, is_model_target
 
     if is_model_target(args.b):
-        rep: Any = check_model(args.a, args.b, prefix=args.prefix)
+        rep: Any = check_model(args.a, args.b, prefix=args.prefix, trust_pickle=args.trust_pickle)
         print(rep)
         return EXIT_OK if rep.ok else EXIT_FAIL
     from .tools.sources import open_source
 
-    with open_source(args.a) as s:
+    with open_source(args.a, trust_pickle=args.trust_pickle) as s:
         total = sum(e.nbytes for e in s.entries.values())
     bar = _progress(args, total, "diff")
     try:
-        rep = diff_checkpoints(args.a, args.b, values=not args.keys_only, on_progress=bar)
+        rep = diff_checkpoints(args.a, args.b, values=not args.keys_only, on_progress=bar,
+                               trust_pickle=args.trust_pickle)
     finally:
         bar.close()
     print(rep)
@@ -148,7 +149,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .tools.convert import convert
     from .tools.sources import open_source
 
-    with open_source(args.src, args.from_format) as s:
+    with open_source(args.src, args.from_format, trust_pickle=args.trust_pickle) as s:
         total = sum(e.nbytes for e in s.entries.values())
     bar = _progress(args, total, f"convert to {args.to}")
     t0 = time.perf_counter()
@@ -156,7 +157,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         r = convert(args.src, args.dst, args.to, source_format=args.from_format,
                     strip_prefix=args.strip_prefix or (), rename=args.rename or (),
                     world_size=args.world_size, compression=args.compression,
-                    overwrite=args.overwrite, on_progress=bar)
+                    overwrite=args.overwrite, on_progress=bar, trust_pickle=args.trust_pickle)
     finally:
         bar.close()
     if not args.quiet:
@@ -205,6 +206,12 @@ def _sub(subs: Any, name: str, fn: Callable[[argparse.Namespace], int], help: st
     return p
 
 
+def _trust_pickle_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a stock DCP .metadata with full unpickling (it can run code: "
+                        "only for checkpoints from a trusted source)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -244,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="a checkpoint (any format convert reads) or module:function "
                              "returning an nn.Module or a state dict")
     p.add_argument("--keys-only", action="store_true", help="skip comparing values")
+    _trust_pickle_flag(p)
     p.add_argument("--prefix", default=None,
                    help="with module:function: prefix of the model keys in the checkpoint "
                         "(default: detected)")
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to shardckpt: number of per-rank files")
     p.add_argument("--compression", choices=("zstd", "none"), default=None)
     p.add_argument("--overwrite", action="store_true")
+    _trust_pickle_flag(p)
 
     p = _sub(subs, "gc", cmd_gc, "retention for a directory of step checkpoints, and removal of "
              "leftovers of interrupted saves; never removes what latest/best name",

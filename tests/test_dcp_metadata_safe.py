@@ -22,8 +22,9 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
 
+from shardckpt.dcp.stock import read_dcp_metadata
+from shardckpt.dcp.unpickler import ALLOWED_GLOBALS
 from shardckpt.errors import CorruptCheckpointError, UnsafeObjectError
-from shardckpt.tools.dcp_metadata import ALLOWED_GLOBALS, read_dcp_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
                                         "ignore::DeprecationWarning")
@@ -536,7 +537,7 @@ def test_keys_too_deep_to_hash_are_corrupt(tmp_path, op, shape):
 _CRASH_SCRIPT = """
 import sys
 from shardckpt.errors import CorruptCheckpointError
-from shardckpt.tools.dcp_metadata import read_dcp_metadata
+from shardckpt.dcp.stock import read_dcp_metadata
 try:
     read_dcp_metadata(sys.argv[1])
 except CorruptCheckpointError as e:
@@ -575,9 +576,8 @@ def test_marker_helper_itself_reads_back(ckpts, tmp_path):
 # -- SafeFileSystemReader: dcp.load without torch's own read_metadata ---------------------------
 
 def test_safe_reader_loads_tensors_like_torch(ckpts):
+    from shardckpt.dcp.stock import SafeFileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    from shardckpt.tools.dcp_metadata import SafeFileSystemReader
 
     d = ckpts["nested"]
     md = read_dcp_metadata(d)
@@ -599,7 +599,7 @@ def test_safe_reader_loads_tensors_like_torch(ckpts):
 def test_safe_reader_never_unpickles_a_planted_metadata(ckpts, tmp_path):
     import shutil
 
-    from shardckpt.tools.dcp_metadata import SafeFileSystemReader
+    from shardckpt.dcp.stock import SafeFileSystemReader
 
     d = tmp_path / "ckpt"
     shutil.copytree(ckpts["nested"], d)

@@ -221,7 +221,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             rename: Sequence[str] = (), world_size: int = 1, compression: str | None = None,
             overwrite: bool = False, slab_bytes: int = DEFAULT_SLAB_BYTES,
             dcp_chunk_bytes: int = DCP_CHUNK_BYTES,
-            on_progress: Progress = None) -> dict[str, Any]:
+            on_progress: Progress = None, trust_pickle: bool = False) -> dict[str, Any]:
     """Convert `src` (any supported format, detected) to `dst` in format `to`.
 
     Returns a summary: {"source_format", "to", "tensors", "objects", "bytes", "skipped"}.
@@ -236,7 +236,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     key_map = key_mapper(strip_prefix, rename)
     kind = source_format or detect(src)
     skipped: list[str] = []
-    with open_source(src, kind) as s:
+    with open_source(src, kind, trust_pickle=trust_pickle) as s:
         if to == "shardckpt":
             write_checkpoint(s, dst, world_size=world_size, compression=compression,
                              key_map=key_map, slab_bytes=slab_bytes, overwrite=overwrite,

@@ -111,10 +111,11 @@ def _objects_equal(x: Any, y: Any) -> bool:
 
 def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = True,
                      slab_bytes: int = DEFAULT_SLAB_BYTES,
-                     on_progress: Progress = None) -> DiffReport:
+                     on_progress: Progress = None, trust_pickle: bool = False) -> DiffReport:
     """Keys, shapes, dtypes and (with `values`) bitwise values of two checkpoints (any format)."""
     rep = DiffReport(a=os.fspath(a), b=os.fspath(b), values_compared=values)
-    with open_source(os.fspath(a)) as sa, open_source(os.fspath(b)) as sb:
+    with (open_source(os.fspath(a), trust_pickle=trust_pickle) as sa,
+          open_source(os.fspath(b), trust_pickle=trust_pickle) as sb):
         ka, kb = sa.entries, sb.entries
         rep.only_a = sorted(set(ka) - set(kb))
         rep.only_b = sorted(set(kb) - set(ka))
@@ -184,11 +185,11 @@ def is_model_target(spec: str) -> bool:
     return not os.path.exists(spec) and bool(_TARGET_RE.match(spec))
 
 
-def check_model(path: str | os.PathLike, target: str, *, prefix: str | None = None
-                ) -> ModelCheckReport:
+def check_model(path: str | os.PathLike, target: str, *, prefix: str | None = None,
+                trust_pickle: bool = False) -> ModelCheckReport:
     """Will the checkpoint's model keys load into the model `target` builds?"""
     sd = load_target(target)
-    with open_source(os.fspath(path)) as src:
+    with open_source(os.fspath(path), trust_pickle=trust_pickle) as src:
         ents = src.entries
         if prefix is None:
             # The prefix that makes the most model keys match, among the usual ones.

@@ -217,16 +217,20 @@ class DCPSource(Source):
     """A stock DCP directory (FileSystemWriter layout with `.metadata`).
 
     DCP reads whole chunks, so a tensor is loaded at once (and kept until the next
-    tensor is asked for); no process group is needed.
+    tensor is asked for); no process group is needed. `.metadata` is a pickle:
+    it is read with the restricted unpickler unless `trust_pickle` (then torch's
+    own reader, which runs whatever the file says); objects load under
+    weights_only rules either way.
     """
 
-    def __init__(self, path: str) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
+    def __init__(self, path: str, *, trust_pickle: bool = False) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        from ..dcp.stock import read_dcp_metadata
+
         self.path = path
-        self._reader_cls = FileSystemReader
-        md = FileSystemReader(path).read_metadata()
+        self.trust_pickle = trust_pickle
+        md = self._metadata = read_dcp_metadata(path, trust_pickle=trust_pickle)
         self.entries = {}
         for k, m in md.state_dict_metadata.items():
             if isinstance(m, TensorStorageMetadata):
@@ -243,13 +247,16 @@ class DCPSource(Source):
         import torch.distributed.checkpoint as dcp
 
         from ..dcp.planner import SafeLoadPlanner
+        from ..dcp.stock import SafeFileSystemReader
 
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         self._cache = None  # drop the previous tensor before reading the next
         state = {key: placeholder}
         with quiet_no_dist():
-            dcp.load(state, storage_reader=self._reader_cls(self.path),
+            reader = SafeFileSystemReader(self.path, metadata=self._metadata,
+                                          trust_pickle=self.trust_pickle)
+            dcp.load(state, storage_reader=reader,
                      planner=SafeLoadPlanner(strict=False, path=self.path))
         self._cache = (key, state[key])
         return state[key]
@@ -282,14 +289,19 @@ def detect(path: str) -> str:
     return "torch"
 
 
-def open_source(path: str | os.PathLike, kind: str | None = None) -> Source:
-    """Open any supported checkpoint for streaming reads."""
+def open_source(path: str | os.PathLike, kind: str | None = None, *,
+                trust_pickle: bool = False) -> Source:
+    """Open any supported checkpoint for streaming reads.
+
+    Nothing read runs code: stock DCP `.metadata` goes through the restricted
+    unpickler unless `trust_pickle`; every object loads under weights_only rules.
+    """
     path = os.fspath(path)
     kind = kind or detect(path)
     if kind == "shardckpt":
         return ShardSource(path)
     if kind == "dcp":
-        return DCPSource(path)
+        return DCPSource(path, trust_pickle=trust_pickle)
     if kind == "safetensors":
         if os.path.isdir(path):
             names = os.listdir(path)
