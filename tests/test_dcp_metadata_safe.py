@@ -576,8 +576,9 @@ def test_marker_helper_itself_reads_back(ckpts, tmp_path):
 # -- SafeFileSystemReader: dcp.load without torch's own read_metadata ---------------------------
 
 def test_safe_reader_loads_tensors_like_torch(ckpts):
-    from shardckpt.dcp.stock import SafeFileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from shardckpt.dcp.stock import SafeFileSystemReader
 
     d = ckpts["nested"]
     md = read_dcp_metadata(d)
