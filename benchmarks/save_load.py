@@ -265,7 +265,7 @@ def run_single(state: dict, tools: list[Tool], workdir: Path, repeats: int,
             t2 = time.perf_counter()
             res.save_call.append(t1 - t0)
             res.save_total.append(t2 - t0)
-            for k, v in (extra or {}).items():
+            for k, v in (extra if isinstance(extra, dict) else {}).items():
                 res.extra.setdefault(k, []).append(v)
             res.disk = C.disk_bytes(out)
             if tool.load is not None:

@@ -21,6 +21,7 @@ from .errors import (
     DtypeMismatchError,
     IncompleteCheckpointError,
     InsufficientSpaceError,
+    LoadFailedError,
     MissingKeysError,
     NotACheckpointError,
     SaveFailedError,
@@ -63,6 +64,6 @@ __all__ = [
     "ShardckptError", "CheckpointNotFoundError", "NotACheckpointError",
     "IncompleteCheckpointError", "CorruptCheckpointError", "StateMismatchError",
     "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError", "DtypeMismatchError",
-    "CheckpointExistsError", "InsufficientSpaceError", "SaveFailedError",
+    "CheckpointExistsError", "InsufficientSpaceError", "SaveFailedError", "LoadFailedError",
     "UnsafeObjectError", "UnsupportedFormatError",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -14,8 +17,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from . import codec
 from . import format as fmt
 from .dcp import SafeLoadPlanner, ShardReader, ShardWriter
-from .errors import ShardckptError
+from .errors import LoadFailedError, SaveFailedError, ShardckptError
 from .format.keys import key_mapper
+from .io.data_writer import typed_write_error
 from .io.reader import CheckpointReader
 
 
@@ -27,49 +31,116 @@ def quiet_no_dist() -> Iterator[None]:
         yield
 
 
-def unwrap_checkpoint_exception(e: BaseException) -> BaseException:
-    """DCP wraps per-rank failures; surface the first typed shardckpt error as itself."""
+def _failures(e: BaseException) -> list[tuple[int | None, BaseException]]:
     if not isinstance(e, CheckpointException):
-        return e
-    first = None
+        return [(None, e)]
+    out = []
     for rank, failure in sorted(e.failures.items()):
         exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, BaseException):
+            out.append((rank, exc))
+    return out or [(None, e)]
+
+
+def typed_error(e: BaseException, *, path: str, action: str) -> BaseException:
+    """The error a caller of save/load sees for `e`: always a ShardckptError (an Exception).
+
+    DCP wraps per-rank failures in CheckpointException, a BaseException that
+    `except Exception` does not catch; the first typed shardckpt error inside
+    is raised as itself, an OSError becomes a typed write/read error naming the
+    path and rank, anything else is chained under SaveFailedError/LoadFailedError.
+    """
+    if isinstance(e, ShardckptError) or isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return e
+    failures = _failures(e)
+    multi = len(failures) > 1
+    for rank, exc in failures:
         if isinstance(exc, ShardckptError):
-            if len(e.failures) > 1 and "rank" not in str(exc):
+            if multi and "rank" not in str(exc):
                 exc.args = (f"[rank {rank}] {exc.args[0] if exc.args else ''}",) + exc.args[1:]
             return exc
-        if first is None and isinstance(exc, BaseException):
-            first = exc
-    if isinstance(first, OSError):
-        return first
-    return e
+    rank, first = failures[0]
+    who = path if rank is None else f"{path} (rank {rank})"
+    if action == "save":
+        if isinstance(first, OSError):
+            return typed_write_error(first, getattr(first, "filename", None) or path, rank)
+        err: ShardckptError = SaveFailedError(
+            f"{who}: save failed ({type(first).__name__}: {first}); nothing was committed and "
+            f"earlier checkpoints are intact.")
+    else:
+        err = LoadFailedError(f"{who}: load failed ({type(first).__name__}: {first}); the "
+                              f"state may be partly loaded, the checkpoint is unchanged.")
+    err.__cause__ = first
+    return err
 
 
-def save(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any = None,
+# A single Stateful passed as the whole state is stored under one top-level key,
+# so that `save(ts, p)` and `save({"train": ts}, p)` write the same checkpoint.
+STATEFUL_KEYS = (("TrainState", "train"), ("Module", "model"), ("Optimizer", "optimizer"))
+DEFAULT_STATEFUL_KEY = "state"
+
+
+def as_state(state: Any) -> dict[str, Any]:
+    """`state` as DCP's dict: a dict as is, one Stateful object under its key."""
+    if isinstance(state, dict):
+        return state
+    if callable(getattr(state, "state_dict", None)) and callable(
+            getattr(state, "load_state_dict", None)):
+        names = {c.__name__ for c in type(state).__mro__}
+        key = next((k for cls, k in STATEFUL_KEYS if cls in names), DEFAULT_STATEFUL_KEY)
+        return {key: state}
+    raise TypeError(f"state must be a dict (DCP state) or an object with state_dict() and "
+                    f"load_state_dict(), not {type(state).__name__}")
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did, for a logger: where, how long, how many bytes."""
+
+    path: str
+    seconds: float
+    bytes_written: int  # on disk, every rank's files and the manifest
+    bytes_logical: int  # tensor and object bytes before compression
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          compression: str = "zstd", level: int = 1, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
          threads: int | None = None, overwrite: bool = True,
-         metadata: dict | None = None) -> None:
-    """Save `state` (DCP semantics) as a sharded checkpoint at `path`; every rank calls it.
+         metadata: dict | None = None) -> SaveResult:
+    """Save `state` as a sharded checkpoint at `path`; every rank calls it.
 
-    Each rank writes its own file in parallel; the checkpoint becomes visible only
-    after every rank's data is durable and rank 0 has committed the manifest.
+    `state` is a dict with DCP semantics (tensors, DTensors, nested dicts,
+    Stateful objects) or one Stateful object (a TrainState is stored under
+    "train", an nn.Module under "model", an optimizer under "optimizer", anything
+    else under "state"). Each rank writes its own file in parallel; the checkpoint
+    becomes visible only after every rank's data is durable and rank 0 has
+    committed the manifest.
     """
+    t0 = time.perf_counter()
+    state = as_state(state)
     if threads is None:
         threads = codec.blocking_threads()
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
                          threads=threads, overwrite=overwrite, user_metadata=metadata)
     try:
         with quiet_no_dist():
-            dcp.save(state, storage_writer=writer, process_group=process_group)
+            md = dcp.save(state, storage_writer=writer, process_group=process_group)
     except BaseException as e:
         writer.abort()
-        err = unwrap_checkpoint_exception(e)
+        err = typed_error(e, path=os.fspath(path), action="save")
         if err is e:
             raise
         raise err from e
+    totals = md.storage_data if isinstance(getattr(md, "storage_data", None), dict) else {}
+    return SaveResult(path=os.path.abspath(os.fspath(path)), seconds=time.perf_counter() - t0,
+                      bytes_written=int(totals.get("bytes_written", 0)),
+                      bytes_logical=int(totals.get("bytes_logical", 0)))
 
 
-def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any = None,
+def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          strict: bool = True, threads: int | None = None, verify: bool = True,
          strip_prefix: str | Sequence[str] | None = None,
          rename: dict[str, str] | None = None) -> None:
@@ -86,7 +157,7 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, process_group: Any =
     ckpt = CheckpointReader(path, threads=threads, verify=verify,
                             key_map=key_mapper(strip_prefix, rename))
     try:
-        load_open(state, ckpt, process_group=process_group, strict=strict)
+        load_open(as_state(state), ckpt, process_group=process_group, strict=strict)
     finally:
         ckpt.close()
 
@@ -106,8 +177,8 @@ def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: A
         with quiet_no_dist():
             dcp.load(state, storage_reader=ShardReader(reader=ckpt), planner=planner,
                      process_group=process_group)
-    except CheckpointException as e:
-        err = unwrap_checkpoint_exception(e)
+    except BaseException as e:
+        err = typed_error(e, path=ckpt.path, action="load")
         if err is e:
             raise
         raise err from e

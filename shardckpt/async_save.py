@@ -205,6 +205,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     never waited on raises here. Every rank calls this, like `save`.
     """
     t0 = time.perf_counter()
+    state = api.as_state(state)
     path = os.fspath(path)
     with _saver.lock:
         while len(_saver.inflight) >= max(1, max_in_flight):

@@ -64,6 +64,11 @@ class SaveFailedError(ShardckptError):
     """A save failed on one or more ranks; nothing was committed."""
 
 
+class LoadFailedError(ShardckptError):
+    """A load failed on one or more ranks for a reason that is not damage or a mismatch
+    (the cause is chained); the checkpoint itself was not changed."""
+
+
 class UnsupportedFormatError(ShardckptError):
     """The checkpoint was written by a newer, unknown format version."""
 

@@ -147,7 +147,7 @@ def decode_item_blocks(stored: memoryview, recs: list[list], out: memoryview,
         problem = fmt.record_problem(rec)
         if problem is not None:
             raise _corrupt(path, rank, tensor, first_index + i,
-                           f"does not decode (malformed record: {problem})")
+                           f"does not decode (malformed record: {problem[1]})")
     total = sum(r[1] for r in recs)
     if len(out) != total:
         raise ValueError(f"output buffer is {len(out)} bytes, the blocks hold {total}")

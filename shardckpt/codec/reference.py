@@ -95,7 +95,7 @@ def py_decode_block(stored: memoryview, rec: list, out: memoryview) -> None:
     """Decode one block (already checksum-verified) into `out` (len == raw_len)."""
     problem = fmt.record_problem(rec, len(stored), len(out))
     if problem is not None:
-        raise ValueError(problem)
+        raise ValueError(problem[1])
     n = rec[1]
     mode = rec[3]
     if mode == fmt.MODE_RAW:

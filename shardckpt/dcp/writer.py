@@ -149,8 +149,15 @@ class ShardWriter(StorageWriter):
                 raise SaveFailedError(
                     f"{p} (rank {fi.rank}): on disk {size} bytes, reported {fi.size}; "
                     f"nothing was committed. Check the filesystem and retry.")
-        self._commit.finalize(manifest)
+        commit = self._commit
+        commit.finalize(manifest)
         self._commit = None
+        # DCP broadcasts this Metadata to every rank as dcp.save's return value:
+        # the totals reach ranks that never saw the manifest.
+        metadata.storage_data = {
+            "bytes_written": sum(f.size for f in manifest.files.values()) + commit.manifest_bytes,
+            "bytes_logical": sum(c.nbytes for t in manifest.tensors.values() for c in t.chunks)
+            + sum(o.nbytes for o in manifest.objects.values())}
 
     def abort(self) -> None:
         """Remove this save's staging directory (called by shardckpt.save on failure)."""

@@ -31,56 +31,56 @@ _MAX_PLANES = 16
 
 
 def record_problem(rec: object, stored_len: int | None = None,
-                   raw_len: int | None = None) -> str | None:
-    """What is wrong with a block record, or None if it is well formed.
+                   raw_len: int | None = None) -> tuple[str, str] | None:
+    """What is wrong with a block record as (field suffix, message), or None if it is well
+    formed; the suffix ("[5][2]") names the field inside the record.
 
     With `stored_len` / `raw_len` (the real sizes of the stored bytes and of the
     output), the record must also agree with them. Both codecs and the manifest
     check records here, so none of them can be laxer than another.
     """
     if not isinstance(rec, (list, tuple)) or len(rec) < 4:
-        return "a block record is a list of at least 4 fields"
+        return "", "a block record is a list of at least 4 fields"
     s, r, c, mode = rec[0], rec[1], rec[2], rec[3]
-    for name, v, hi in (("stored_len", s, _MAX_LEN), ("raw_len", r, _MAX_LEN),
-                        ("crc32", c, 0xFFFFFFFF)):
+    for i, (name, v, hi) in enumerate((("stored_len", s, _MAX_LEN), ("raw_len", r, _MAX_LEN),
+                                       ("crc32", c, 0xFFFFFFFF))):
         if type(v) is not int or not 0 <= v <= hi:
-            return f"{name} {v!r:.40} is not an integer in [0, {hi}]"
+            return f"[{i}]", f"{name} {v!r:.40} is not an integer in [0, {hi}]"
     if stored_len is not None and s != stored_len:
-        return f"the record says {s} stored bytes, the block has {stored_len}"
+        return "[0]", f"the record says {s} stored bytes, the block has {stored_len}"
     if raw_len is not None and r != raw_len:
-        return f"the record says {r} raw bytes, the output has {raw_len}"
+        return "[1]", f"the record says {r} raw bytes, the output has {raw_len}"
     if mode == MODE_RAW or mode == MODE_ZSTD:
         if len(rec) != 4:
-            return f"a {mode!r} record has 4 fields, not {len(rec)}"
+            return "", f"a {mode!r} record has 4 fields, not {len(rec)}"
         if mode == MODE_RAW and s != r:
-            return f"a raw block stores {s} bytes for {r}"
+            return "[0]", f"a raw block stores {s} bytes for {r}"
         if mode == MODE_ZSTD and s == 0:
-            return "an empty zstd frame"
+            return "[0]", "an empty zstd frame"
         return None
     if mode != MODE_GROUPED:
-        return f"unknown block mode {mode!r:.20}"
+        return "[3]", f"unknown block mode {mode!r:.20}"
     if len(rec) != 6:
-        return f"a byte-plane record has 6 fields, not {len(rec)}"
+        return "", f"a byte-plane record has 6 fields, not {len(rec)}"
     kinds, lens = rec[4], rec[5]
     if (not isinstance(kinds, str) or not 2 <= len(kinds) <= _MAX_PLANES
             or set(kinds) - {MODE_RAW, MODE_ZSTD}):
-        return f"plane kinds {kinds!r:.40} are not 2..{_MAX_PLANES} of 'z'/'r'"
+        return "[4]", f"plane kinds {kinds!r:.40} are not 2..{_MAX_PLANES} of 'z'/'r'"
     group = len(kinds)
     if not isinstance(lens, (list, tuple)) or len(lens) != group:
-        return f"{group} plane kinds need {group} plane lengths"
+        return "[5]", f"{group} plane kinds need {group} plane lengths"
     if r % group:
-        return f"{r} raw bytes do not split into {group} planes"
-    left = s
+        return "[1]", f"{r} raw bytes do not split into {group} planes"
+    for i, n in enumerate(lens):
+        if type(n) is not int or not 0 <= n <= s:
+            return f"[5][{i}]", f"plane {i} length {n!r:.40} is not an integer in [0, {s}]"
+    if sum(lens) != s:
+        return "[5]", f"plane lengths sum to {sum(lens)}, the block stores {s}"
     for i, (k, n) in enumerate(zip(kinds, lens)):
-        if type(n) is not int or not 0 <= n <= left:
-            return f"plane {i} length {n!r:.40} runs past the block"
         if k == MODE_RAW and n != r // group:
-            return f"raw plane {i} has {n} bytes, not {r // group}"
+            return f"[5][{i}]", f"raw plane {i} has {n} bytes, not {r // group}"
         if k == MODE_ZSTD and n == 0:
-            return f"plane {i} is an empty zstd frame"
-        left -= n
-    if left:
-        return f"plane lengths sum to {s - left}, the block stores {s}"
+            return f"[5][{i}]", f"plane {i} is an empty zstd frame"
     return None
 
 

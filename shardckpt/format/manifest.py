@@ -78,13 +78,16 @@ class FileEntry:
 
 def check_block_record(rec: Any, where: str, group: int, block_size: int) -> list:
     """Validate one block record; returns it (a JSON list, as the codecs take it)."""
+    if isinstance(rec, list) and len(rec) >= 5 and rec[3] == MODE_GROUPED:
+        if group < 2:
+            raise _bad(where, "byte planes in a dtype that is not byte-grouped")
+        if isinstance(rec[4], str) and len(rec[4]) != group:
+            raise _bad(f"{where}[4]", f"{len(rec[4])} byte planes for a dtype of {group}")
     problem = record_problem(rec)
     if problem is not None:
-        raise _bad(where, problem)
+        raise _bad(where + problem[0], problem[1])
     if rec[1] > block_size:
         raise _bad(f"{where}[1]", f"{rec[1]} raw bytes in a block of at most {block_size}")
-    if rec[3] == MODE_GROUPED and len(rec[4]) != group:
-        raise _bad(f"{where}[4]", f"{len(rec[4])} byte planes for a dtype of {group}")
     return rec
 
 
@@ -300,7 +303,9 @@ class Manifest:
         codec = _dict(d.get("codec"), "codec")
         if codec.get("compression") not in ("zstd", "none"):
             raise _bad("codec.compression", f"unknown compression {codec.get('compression')!r:.40}")
-        block_size = _int(codec.get("block_size"), "codec.block_size", 1, MAX_BLOCK_SIZE)
+        block_size = _int(codec.get("block_size"), "codec.block_size", 16, MAX_BLOCK_SIZE)
+        if block_size % 16:
+            raise _bad("codec.block_size", f"{block_size} is not a multiple of 16")
         world = _int(d.get("world_size"), "world_size", 1, 1 << 24)
         files = {}
         for rel, fe in _dict(d.get("files"), "files").items():
@@ -321,14 +326,14 @@ class Manifest:
             for k, v in _dict(pd, "planner_data").items():
                 if not isinstance(v, list) or not all(type(p) in (str, int) for p in v):
                     raise _bad(f"planner_data[{k!r:.80}]", "expected a list of keys and indices")
-        um = d.get("user_metadata") or {}
+        um = d.get("user_metadata", {})
         created_unix = d.get("created_unix", 0.0)
-        if type(created_unix) not in (int, float):
-            raise _bad("created_unix", "expected a number")
+        if type(created_unix) not in (int, float) or not math.isfinite(created_unix):
+            raise _bad("created_unix", "expected a finite number")
         return cls(world_size=world, files=files, tensors=tensors, objects=objects, codec=codec,
                    planner_data=pd, user_metadata=_dict(um, "user_metadata"),
-                   versions=_dict(d.get("versions") or {}, "versions"),
-                   created=str(d.get("created", "")), created_unix=float(created_unix),
+                   versions=_dict(d.get("versions", {}), "versions"),
+                   created=_str(d.get("created", ""), "created"), created_unix=float(created_unix),
                    format_version=d["format_version"])
 
 
@@ -356,7 +361,8 @@ def parse_manifest(data: bytes, path: str) -> Manifest:
         raise UnsupportedFormatError(
             f"{path}: format version {version} is newer than this shardckpt "
             f"(reads up to {FORMAT_VERSION}); upgrade shardckpt.")
-    if version >= 2 and d.get(CHECKSUM_FIELD) != _safe_checksum(d):
+    expected = _safe_checksum(d) if version >= 2 else None
+    if version >= 2 and (expected is None or d.get(CHECKSUM_FIELD) != expected):
         raise CorruptCheckpointError(
             f"{path}: manifest checksum mismatch (the file was altered or damaged after it was "
             f"written); load an earlier checkpoint.", path=path)

@@ -19,7 +19,7 @@ _STAGING_RE = re.compile(r"^\.(?P<name>.+)\.partial-(?P<token>[0-9a-f]{12})$")
 _TRASH_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<token>[0-9a-f]{12})$")
 # Data files are the only files a manifest may name: data/<component>, no
 # separators, no dot-names, so a manifest cannot point outside its checkpoint.
-_DATA_FILE_RE = re.compile(r"^data/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+_DATA_FILE_RE = re.compile(r"data/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
 
 
 class DirState(str, enum.Enum):
@@ -42,7 +42,7 @@ def data_file_name(rank: int) -> str:
 
 
 def is_data_file_name(rel: str) -> bool:
-    return isinstance(rel, str) and bool(_DATA_FILE_RE.match(rel)) and ".." not in rel
+    return isinstance(rel, str) and bool(_DATA_FILE_RE.fullmatch(rel)) and ".." not in rel
 
 
 def staging_name(final_name: str, token: str) -> str:

@@ -112,6 +112,7 @@ class Commit:
         self.final = final
         self.staging = staging
         self.overwrite = overwrite
+        self.manifest_bytes = 0
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="shardckpt-heartbeat",
                                       daemon=True)
@@ -163,7 +164,9 @@ class Commit:
                 f"{final}: the staging directory {staging} was removed or emptied by another "
                 f"process (a concurrent `shardckpt gc`?) before the commit; nothing was committed. "
                 f"Retry the save.")
-        write_file_durable(os.path.join(staging, MANIFEST_NAME), manifest.to_bytes())
+        data = manifest.to_bytes()
+        write_file_durable(os.path.join(staging, MANIFEST_NAME), data)
+        self.manifest_bytes = len(data)
         fsync_dir(os.path.join(staging, DATA_DIR))
         fsync_dir(staging)
         try:

@@ -6,6 +6,7 @@ evaluation job, a shell): no collectives, no signal handlers, no writes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import uuid
@@ -34,6 +35,27 @@ class CheckpointInfo:
     metrics: dict[str, Any]
     pointers: tuple[str, ...]  # "latest" and/or "best" where a pointer names it
     problem: str | None = None  # set when the manifest cannot be read
+
+
+@dataclass(frozen=True)
+class ManagerSaveResult:
+    """What `CheckpointManager.save` did. True (as a bool) when a preemption was requested:
+    the save was then synchronous and the caller should stop."""
+
+    path: str
+    step: int
+    seconds: float  # blocking time (the stall, for an async save)
+    bytes_written: int  # 0 until an async save has committed
+    bytes_logical: int
+    metrics: dict[str, Any]
+    committed: bool  # False for an async save still in flight
+    preempted: bool = False
+
+    def __bool__(self) -> bool:
+        return self.preempted
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def step_entries(root: str) -> list[tuple[int, str]]:

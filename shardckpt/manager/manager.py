@@ -20,8 +20,10 @@ load) and alone deletes; the decisions travel on a dedicated gloo group (control
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..api import load_open
+from ..api import as_state, load_open
 from ..api import save as _save
 from ..errors import (
     CorruptCheckpointError,
@@ -38,6 +40,7 @@ from ..errors import (
 from ..io.reader import CheckpointReader
 from .catalog import (
     CheckpointInfo,
+    ManagerSaveResult,
     list_checkpoints,
 )
 from .control import Control, is_enospc
@@ -93,7 +96,9 @@ class CheckpointManager:
                  verify_on_restore: Literal["sizes", "full"] = "sizes",
                  space_margin: float = 1.1, min_free_bytes: int = 0,
                  lease_ttl_s: float = 24 * 3600.0,
-                 preemption_grace_s: float | None = 120.0) -> None:
+                 preemption_grace_s: float | None = 120.0,
+                 on_save: Callable[[ManagerSaveResult], Any] | None = None,
+                 on_restore: Callable[[int, str], Any] | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_best < 0:
@@ -119,6 +124,9 @@ class CheckpointManager:
         self.min_free_bytes = min_free_bytes
         self.lease_ttl_s = lease_ttl_s
         self.preempted = False
+        self.on_save = on_save
+        self.on_restore = on_restore
+        self._warned = False
         self._pending: tuple[int, dict, Any] | None = None  # async: (step, metrics, handle)
         self._last_saved_step: int | None = None
         self._ctrl = Control(process_group)
@@ -185,25 +193,35 @@ class CheckpointManager:
         finally:
             self._leases.drop(path)
 
-    def save(self, step: int, state: dict[str, Any], metrics: dict[str, Any] | None = None,
-             ) -> bool:
+    def save(self, step: int, state: Any, metrics: dict[str, Any] | None = None,
+             ) -> ManagerSaveResult:
         """Save `state` as `root/step_<step>`, move the pointers, apply retention.
 
-        Every rank calls it. Returns True when a preemption signal reached any rank:
-        this save was then made synchronously, and the caller should exit.
+        `state` is a dict or one Stateful object (a TrainState), as for
+        `shardckpt.save`. Every rank calls it. The result is true when a
+        preemption signal reached any rank: this save was then made
+        synchronously, and the caller should exit.
         """
         step = int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, not {step}")
+        metrics = jsonable_metrics(metrics)
+        if self.metric is not None and metrics and self.metric not in metrics and not self._warned:
+            self._warned = True
+            if self._ctrl.rank == 0:
+                warnings.warn(f"shardckpt.CheckpointManager: metrics {sorted(metrics)} lack the "
+                              f"configured metric {self.metric!r}; `best` is not updated by this "
+                              f"save. Pass metrics={{{self.metric!r}: ...}} or fix metric=.",
+                              RuntimeWarning, stacklevel=2)
         preempt = self._ctrl.any(self._preempt.requested)
         self.preempted = self.preempted or preempt
-        self._save(step, state, jsonable_metrics(metrics), sync=preempt or not self.async_save,
-                   reason="preemption" if preempt else None)
+        res = self._save(step, state, metrics, sync=preempt or not self.async_save,
+                         reason="preemption" if preempt else None)
         if preempt:
             self._preempt.answered()
-        return preempt
+        return dataclasses.replace(res, preempted=preempt)
 
-    def step_boundary(self, step: int, state: dict[str, Any]) -> bool:
+    def step_boundary(self, step: int, state: Any) -> bool:
         """Call once per step on every rank; costs one small all_reduce on gloo.
 
         If a preemption signal reached any rank, all ranks save `state` as `step`
@@ -219,8 +237,9 @@ class CheckpointManager:
         self._preempt.answered()
         return True
 
-    def _save(self, step: int, state: dict[str, Any], metrics: dict, *, sync: bool,
-              reason: str | None) -> None:
+    def _save(self, step: int, state: Any, metrics: dict, *, sync: bool,
+              reason: str | None) -> ManagerSaveResult:
+        state = as_state(state)
         self.wait()  # one save in flight at most; its pointers/retention first
         if self._keeper.state_estimate is None:
             # Once per manager and on every rank: a Stateful's state_dict() may itself
@@ -232,18 +251,37 @@ class CheckpointManager:
         opts = dict(self.save_options)
         if sync:
             try:
-                _save(state, path, process_group=self._dcp_group(), metadata=meta, **opts)
+                r = _save(state, path, process_group=self._dcp_group(), metadata=meta, **opts)
             except BaseException as e:
                 self._on_save_error(step, e)
                 raise
             self._last_saved_step = step
             self._ctrl.decide(lambda: self._keeper.after_commit(step, metrics))
-            return
+            res = ManagerSaveResult(path=r.path, step=step, seconds=r.seconds,
+                                    bytes_written=r.bytes_written, bytes_logical=r.bytes_logical,
+                                    metrics=metrics, committed=True)
+            self._notify(self.on_save, res)
+            return res
+        t0 = time.perf_counter()
         handle = _async_save_fn()(state, path, process_group=self.process_group, metadata=meta,
                                 **opts)
         self._pending = (step, metrics, handle)
         self._keeper.pending_name = step_dir_name(step)
         self._last_saved_step = step
+        # Committed later (at the next save / restore / wait, which calls on_save).
+        return ManagerSaveResult(path=os.path.abspath(path), step=step,
+                                 seconds=time.perf_counter() - t0, bytes_written=0,
+                                 bytes_logical=0, metrics=metrics, committed=False)
+
+    def _notify(self, fn: Callable[..., Any] | None, *args: Any) -> None:
+        # A tracker callback that fails must not fail the save that already committed.
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - user callback
+            warnings.warn(f"shardckpt.CheckpointManager: callback {fn!r} raised {e!r}",
+                          RuntimeWarning, stacklevel=3)
 
     def _on_save_error(self, step: int, e: BaseException) -> None:
         if self._ctrl.rank == 0:
@@ -277,6 +315,10 @@ class CheckpointManager:
             self._on_save_error(step, err)
             raise err
         self._ctrl.decide(lambda: self._keeper.after_commit(step, metrics))
+        path = self._path(step_dir_name(step))
+        self._notify(self.on_save, ManagerSaveResult(
+            path=path, step=step, seconds=0.0, bytes_written=0, bytes_logical=0, metrics=metrics,
+            committed=True))
 
     # ------------------------------------------------------------------ restoring
 
@@ -294,6 +336,7 @@ class CheckpointManager:
             raise ValueError("pass step= or which=, not both")
         if which not in (None, "latest", "best"):
             raise ValueError(f"which must be 'latest' or 'best', not {which!r}")
+        state = as_state(state)
         self.wait()
         explicit = step is not None or which is not None
         tried: set[str] = set()
@@ -329,6 +372,7 @@ class CheckpointManager:
                 self._ctrl.decide(lambda n=name, m=manifest: self._keeper.repair_pointers(n, m))
                 reader.close()
                 self._last_saved_step = loaded
+                self._notify(self.on_restore, loaded, path)
                 return loaded
             if reader is not None:
                 reader.close()

@@ -11,7 +11,7 @@ BEST_POINTER = "best.json"
 READERS_DIR = ".readers"
 # step_00000120 is the manager's own name; step120, step-120 and step_120 are
 # what users (and older examples) write by hand, and are recognised too.
-_STEP_RE = re.compile(r"^step[_-]?(\d+)$")
+_STEP_RE = re.compile(r"step[_-]?([0-9]+)")
 
 
 def step_dir_name(step: int) -> str:
@@ -19,7 +19,7 @@ def step_dir_name(step: int) -> str:
 
 
 def parse_step(name: str) -> int | None:
-    m = _STEP_RE.match(name) if isinstance(name, str) else None
+    m = _STEP_RE.fullmatch(name) if isinstance(name, str) else None
     return int(m.group(1)) if m else None
 
 

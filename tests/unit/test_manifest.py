@@ -541,9 +541,6 @@ def test_manifest_error_is_a_corrupt_checkpoint_error():
     assert shardckpt.format.ManifestError is ManifestError
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.py accepts a non-finite created_unix "
-                   "(type check only); such a Manifest cannot be written again (to_bytes "
-                   "raises ValueError) and sorts unpredictably in listings")
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_created_unix(d, value):
     d["created_unix"] = value
@@ -621,10 +618,6 @@ def test_reformatted_manifest_keeps_its_checksum(saved):
     assert parse_manifest(pretty, "p") == parse_manifest(saved[0], "p")
 
 
-@pytest.mark.xfail(strict=True, reason="parse_manifest: for a v2 manifest whose content cannot "
-                   "be checksummed (NaN/Infinity, which json.loads accepts) _safe_checksum "
-                   "returns None, and a missing checksum (.get -> None) then compares equal: "
-                   "the checksum check is skipped")
 @pytest.mark.parametrize("where", ["created_unix", "user_metadata"])
 def test_unchecksummable_v2_manifest_without_checksum_is_rejected(d, where):
     del d["checksum"]
