@@ -17,6 +17,7 @@ from .dcp import ShardReader, ShardWriter
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CollectiveTimeoutError,
     CorruptCheckpointError,
     DtypeMismatchError,
     IncompleteCheckpointError,
@@ -61,7 +62,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "__version__", "save", "load", "async_save", "AsyncSaveHandle", "verify", "VerifyReport", "ShardReader", "ShardWriter",
     *_LAZY,
-    "ShardckptError", "CheckpointNotFoundError", "NotACheckpointError",
+    "ShardckptError", "CheckpointNotFoundError", "CollectiveTimeoutError", "NotACheckpointError",
     "IncompleteCheckpointError", "CorruptCheckpointError", "StateMismatchError",
     "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError", "DtypeMismatchError",
     "CheckpointExistsError", "InsufficientSpaceError", "SaveFailedError", "LoadFailedError",

@@ -69,6 +69,10 @@ class LoadFailedError(ShardckptError):
     (the cause is chained); the checkpoint itself was not changed."""
 
 
+class CollectiveTimeoutError(ShardckptError):
+    """Not every rank of the group called the same save or load within the timeout."""
+
+
 class UnsupportedFormatError(ShardckptError):
     """The checkpoint was written by a newer, unknown format version."""
 

@@ -1,0 +1,84 @@
+"""Every rank joins a save or load before DCP's first collective, or a typed error says who
+did not.
+
+`if rank == 0: torch.save(...)` is a habit; with a collective save it makes rank 0
+wait forever inside DCP's first gather. Each save and load therefore first meets
+the other ranks of its group at a rendezvous in the process group's key-value
+store (no collective, so it cannot itself hang), bounded by `timeout`. A rank
+that arrives alone raises CollectiveTimeoutError naming the ranks that never
+came; a rank that finds the others in a different call (one saves, one loads)
+raises at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+from ..errors import CollectiveTimeoutError
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("SHARDCKPT_JOIN_TIMEOUT", "600"))
+
+# Rounds per group, counted alike on every rank because every rank makes the same
+# sequence of save/load calls (that is what the rendezvous checks).
+_rounds: dict[tuple[int, ...], int] = {}
+
+
+def _store(group: Any) -> Any:
+    # No public accessor exists for a group's store; c10d keeps it per group.
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        return c10d._get_process_group_store(group)
+    except (AttributeError, RuntimeError, ValueError):
+        return c10d._get_default_store()
+
+
+def join(process_group: Any, *, what: str, path: str, timeout: float | None) -> None:
+    """Meet every rank of `process_group` (default: the world) for `what` on `path`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = process_group if process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    rank = dist.get_rank(group)
+    ranks = tuple(dist.get_process_group_ranks(group))
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+    seq = _rounds.get(ranks, 0) + 1
+    _rounds[ranks] = seq
+    tag = hashlib.sha1(repr(ranks).encode()).hexdigest()[:12]
+    base = f"shardckpt/join/{tag}/{seq}"
+    store = _store(group)
+    me = f"{what} {os.path.abspath(path)}"
+    store.set(f"{base}/r{rank}", me)
+    if store.add(f"{base}/n", 1) == world:
+        store.set(f"{base}/done", "1")
+    try:
+        store.wait([f"{base}/done"], datetime.timedelta(seconds=timeout))
+    except (RuntimeError, dist.DistError) as e:  # DistStoreError: the wait timed out
+        missing = [r for r in range(world) if not store.check([f"{base}/r{r}"])]
+        raise CollectiveTimeoutError(
+            f"{path} (rank {rank}): shardckpt.{what} waited {timeout:.0f}s for rank(s) "
+            f"{missing} of {world}, which never called it. Every rank of the group must call "
+            f"shardckpt.{what}(...) together (not only rank 0, as with torch.save); raise "
+            f"timeout= if some ranks are legitimately slower.") from e
+    others = {r: store.get(f"{base}/r{r}").decode() for r in range(world) if r != rank}
+    odd = {r: v for r, v in others.items() if v != me}
+    if odd:
+        r, v = next(iter(odd.items()))
+        raise CollectiveTimeoutError(
+            f"{path} (rank {rank}): ranks disagree on the checkpoint call: this rank is in "
+            f"{me!r}, rank {r} in {v!r}. Every rank must make the same save/load calls in "
+            f"the same order.")
+    if rank == 0 and seq > 1:  # the previous round's keys are no longer read
+        prev = f"shardckpt/join/{tag}/{seq - 1}"
+        for k in [f"{prev}/n", f"{prev}/done", *(f"{prev}/r{r}" for r in range(world))]:
+            try:
+                store.delete_key(k)
+            except (RuntimeError, dist.DistError):
+                break
