@@ -11,8 +11,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import shardckpt
-from shardckpt.format.manifest import content_checksum
 from shardckpt import format as fmt
+from shardckpt.format.manifest import content_checksum
 from shardckpt.io.reader import find_partials
 
 
