@@ -230,6 +230,28 @@ def _check_tiling(shape: tuple[int, ...], chunks: list[Chunk], where: str) -> No
         active.append(c)
 
 
+def _check_disjoint(tensors: Mapping[str, TensorEntry], objects: Mapping[str, ObjectEntry],
+                    ) -> None:
+    """No two items share stored bytes: a writer appends items back to back, so an
+    offset that moved (damage the block checksums alone would catch only when
+    verifying) lands on a neighbour and is refused here."""
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for k, t in tensors.items():
+        for i, c in enumerate(t.chunks):
+            if c.length:
+                spans.setdefault(c.file, []).append((c.offset, c.length,
+                                                     f"tensors[{k!r:.80}].chunks[{i}]"))
+    for k, o in objects.items():
+        if o.length:
+            spans.setdefault(o.file, []).append((o.offset, o.length, f"objects[{k!r:.80}]"))
+    for rel, items in spans.items():
+        items.sort()
+        for (a_off, a_len, a_where), (b_off, _, b_where) in zip(items, items[1:]):
+            if b_off < a_off + a_len:
+                raise _bad(b_where, f"bytes at {b_off} of {rel} overlap those of {a_where} "
+                                    f"[{a_off}, {a_off + a_len})")
+
+
 @dataclass(frozen=True)
 class Manifest:
     world_size: int
@@ -321,6 +343,7 @@ class Manifest:
             objects[k] = ObjectEntry(**StoredItem.parse_item(_dict(v, w), w, files, 1, block_size))
         if set(tensors) & set(objects):
             raise _bad("objects", f"{sorted(set(tensors) & set(objects))[0]!r:.80} is also a tensor")
+        _check_disjoint(tensors, objects)
         pd = d.get("planner_data")
         if pd is not None:
             for k, v in _dict(pd, "planner_data").items():

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from ..errors import CheckpointExistsError, SaveFailedError
+from ..errors import CheckpointExistsError, InsufficientSpaceError, SaveFailedError, ShardckptError
 from ..format import Manifest
 from ..format.names import (
     DATA_DIR,
@@ -131,7 +131,10 @@ class Commit:
         if state == DirState.COMMITTED and not overwrite:
             raise _exists(final)
         parent, name = os.path.split(final)
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise typed_commit_error(e, final, "creating its parent directory") from e
         _remove_dead_partials(parent, name)
         staging = os.path.join(parent, staging_name(name, _token()))
         try:
@@ -140,8 +143,10 @@ class Commit:
                       "started_unix": time.time(), "host": HOST, "pid": os.getpid()}
             write_file_durable(os.path.join(staging, PARTIAL_MARKER), json.dumps(marker).encode())
             fsync_dir(parent)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise typed_commit_error(e, final, "creating the staging directory") from e
             raise
         return cls(final, staging, overwrite)
 
@@ -164,11 +169,14 @@ class Commit:
                 f"{final}: the staging directory {staging} was removed or emptied by another "
                 f"process (a concurrent `shardckpt gc`?) before the commit; nothing was committed. "
                 f"Retry the save.")
-        data = manifest.to_bytes()
-        write_file_durable(os.path.join(staging, MANIFEST_NAME), data)
-        self.manifest_bytes = len(data)
-        fsync_dir(os.path.join(staging, DATA_DIR))
-        fsync_dir(staging)
+        try:
+            data = manifest.to_bytes()
+            write_file_durable(os.path.join(staging, MANIFEST_NAME), data)
+            self.manifest_bytes = len(data)
+            fsync_dir(os.path.join(staging, DATA_DIR))
+            fsync_dir(staging)
+        except OSError as e:
+            raise typed_commit_error(e, final, "writing the manifest") from e
         try:
             publish(staging, final, overwrite=self.overwrite)
         except FileNotFoundError:
@@ -176,6 +184,10 @@ class Commit:
                 f"{final}: the staging directory {staging} was claimed by another process (a "
                 f"concurrent `shardckpt gc`?) during the commit; nothing was committed. "
                 f"Retry the save.") from None
+        except (ShardckptError, Published):
+            raise
+        except OSError as e:
+            raise typed_commit_error(e, final, "publishing it") from e
         # The marker only says "uncommitted" to readers that find no manifest; it
         # goes now that the manifest is there (a crash first leaves it harmless).
         try:
@@ -188,6 +200,25 @@ class Commit:
         self._stop_heartbeat()
         if os.path.isdir(self.staging):
             shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class Published(SaveFailedError):
+    """The checkpoint was published, but making the publish durable failed."""
+
+
+def typed_commit_error(e: OSError, final: str, what: str) -> BaseException:
+    """An OSError of the commit protocol as a typed error naming the checkpoint."""
+    detail = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        err: BaseException = InsufficientSpaceError(
+            errno.ENOSPC, f"{final}: disk full while {what} ({detail}); nothing was committed "
+            f"and earlier checkpoints are intact. Free space and retry.")
+    else:
+        err = SaveFailedError(f"{final}: {what} failed ({detail}); nothing was committed and "
+                              f"earlier checkpoints are intact. Check the disk and permissions, "
+                              f"then retry.")
+    err.__cause__ = e
+    return err
 
 
 def _exists(final: str) -> CheckpointExistsError:
@@ -211,6 +242,16 @@ def _remove_dead_partials(parent: str, name: str) -> None:
             remove_dir(path, os.path.join(parent, trash_name(name, _token())))
 
 
+def _fsync_published(parent: str, final: str) -> None:
+    try:
+        fsync_dir(parent)
+    except OSError as e:
+        err = Published(f"{final}: published, but the fsync of {parent} failed ({e.strerror}); "
+                        f"the checkpoint is visible now but may not survive a crash of the "
+                        f"machine. Check the disk and save again.")
+        raise err from e
+
+
 def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = False) -> None:
     """Make `staging` visible as `final` in one atomic step.
 
@@ -222,13 +263,14 @@ def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = Fa
     for _ in range(3):
         try:
             rename_noreplace(staging, final)
-            fsync_dir(parent)
-            return
         except FileExistsError:
             pass
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
+        else:
+            _fsync_published(parent, final)
+            return
         state = storage_for(final).state(final)
         if state == DirState.EMPTY:
             try:
@@ -245,16 +287,20 @@ def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = Fa
         if not overwrite:
             raise _exists(final)
         if exchange(staging, final):
-            fsync_dir(parent)
-            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _fsync_published(parent, final)
+            finally:  # `staging` now holds the replaced checkpoint
+                shutil.rmtree(staging, ignore_errors=True)
             return
         # No atomic exchange on this filesystem: move the old one aside first. A
         # crash in between leaves it under the trash name, where `gc` finds it.
         trash = os.path.join(parent, trash_name(name, _token()))
         os.rename(final, trash)
         os.rename(staging, final)
-        fsync_dir(parent)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            _fsync_published(parent, final)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
         return
     raise SaveFailedError(f"{final}: could not publish (the path kept changing under a "
                           f"concurrent writer); the data is in {staging}.")

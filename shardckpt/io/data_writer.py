@@ -170,6 +170,9 @@ def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseExce
     if not isinstance(e, OSError) or isinstance(e, (InsufficientSpaceError, SaveFailedError)):
         return e
     who = f"{path} (rank {rank})" if rank is not None else path
+    final = final_of_staged(path)
+    if final is not None:
+        who = f"{final}: {who}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         err: BaseException = InsufficientSpaceError(
             errno.ENOSPC, f"{who}: disk full while writing the checkpoint ({e.strerror}); "
@@ -180,3 +183,18 @@ def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseExce
                               f"the disk and permissions, then retry.")
     err.__cause__ = e
     return err
+
+
+def final_of_staged(path: str) -> str | None:
+    """The checkpoint a file in a staging directory (.NAME.partial-<hex>/...) belongs to."""
+    from ..format.names import Leftover, parse_leftover
+
+    d = os.path.abspath(path)
+    while True:
+        parent, base = os.path.split(d)
+        if not base:
+            return None
+        p = parse_leftover(base)
+        if p is not None and p[1] == Leftover.PARTIAL:
+            return os.path.join(parent, p[0])
+        d = parent

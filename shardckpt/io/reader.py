@@ -62,10 +62,22 @@ def check_committed(path: str) -> None:
         f"For a stock DCP directory use `shardckpt convert`.")
 
 
-def _open(path: str) -> tuple[OpenCheckpoint, Manifest]:
-    check_committed(path)
+# Data files opened together with the manifest (more are opened on first use):
+# an overwrite that swaps a new checkpoint in and deletes the old one then cannot
+# pull a file from under a reader that has read the old manifest.
+_EAGER_FILES = 256
+_OPEN_TRIES = 8
+
+
+class _Replaced(Exception):
+    """The directory was swapped out while being opened: open the new one."""
+
+
+def _open_once(path: str) -> tuple[OpenCheckpoint, Manifest]:
     try:
         ckpt = storage_for(path).open_checkpoint(path)
+    except FileNotFoundError:
+        raise _Replaced() from None
     except OSError as e:
         raise CorruptCheckpointError(f"{path}: cannot open the checkpoint ({e.strerror}); check "
                                      f"the path and its permissions.", path=path) from None
@@ -74,15 +86,38 @@ def _open(path: str) -> tuple[OpenCheckpoint, Manifest]:
         try:
             data = ckpt.read_manifest()
         except FileNotFoundError:
+            if ckpt.replaced():
+                raise _Replaced() from None
             raise IncompleteCheckpointError(f"{where}: vanished while opening (a concurrent "
                                             f"overwrite or delete); retry.") from None
         except OSError as e:
             raise CorruptCheckpointError(f"{where}: cannot be read ({e.strerror}).",
                                          path=where) from None
-        return ckpt, parse_manifest(data, where)
+        manifest = parse_manifest(data, where)
+        for rel in sorted(manifest.files)[:_EAGER_FILES]:
+            try:
+                ckpt.open_data(rel)
+            except FileNotFoundError:
+                if ckpt.replaced():
+                    raise _Replaced() from None
+                # really missing: reported when it is read, naming the tensor
+            except (OSError, CorruptCheckpointError):
+                pass  # a link, FIFO or unreadable file: reported when it is read
+        return ckpt, manifest
     except BaseException:
         ckpt.close()
         raise
+
+
+def _open(path: str) -> tuple[OpenCheckpoint, Manifest]:
+    for _ in range(_OPEN_TRIES):
+        check_committed(path)
+        try:
+            return _open_once(path)
+        except _Replaced:
+            continue  # an overwrite swapped a new checkpoint in: read that one
+    raise IncompleteCheckpointError(f"{path}: kept changing while being opened (concurrent "
+                                    f"overwrites or deletes); retry.")
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

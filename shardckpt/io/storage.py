@@ -36,6 +36,7 @@ class OpenCheckpoint(Protocol):
 
     def read_manifest(self) -> bytes: ...
     def open_data(self, rel: str) -> RangeFile: ...
+    def replaced(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -103,6 +104,15 @@ class LocalCheckpoint:
                 raise
             self._subdirs[sub] = fd
         return fd
+
+    def replaced(self) -> bool:
+        """True if `path` no longer names the directory held open (an overwrite swapped
+        another one in, or it was deleted)."""
+        try:
+            now, held = os.stat(self.path), os.fstat(self._dfd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
     def read_manifest(self) -> bytes:
         where = os.path.join(self.path, MANIFEST_NAME)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat
 import time
 import uuid
 import warnings
@@ -173,8 +174,18 @@ class RootKeeper:
 
     def open_checked(self, name: str) -> tuple[CheckpointReader | None, BaseException | None]:
         """Open one checkpoint and check it cheaply (or fully); the typed error if damaged."""
+        path = self._path(name)
         try:
-            reader = CheckpointReader(self._path(name))
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                # A step directory of the root must be one: a link could lead anywhere.
+                return None, CorruptCheckpointError(
+                    f"{path}: is a symlink; a manager root's step directories must be real "
+                    f"directories (shardckpt never follows a link out of the root). Replace "
+                    f"it by the checkpoint or restore it by its own path.", path=path)
+        except OSError:
+            pass  # missing: CheckpointReader says so with its typed error
+        try:
+            reader = CheckpointReader(path)
         except FALLBACK_ERRORS as e:
             return None, e
         try:
