@@ -16,7 +16,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from . import codec
 from . import format as fmt
-from .dcp import SafeLoadPlanner, ShardReader, ShardWriter
+from .dcp import SafeLoadPlanner, SafeSavePlanner, ShardReader, ShardWriter
+from .dcp.join import join
 from .errors import LoadFailedError, SaveFailedError, ShardckptError
 from .format.keys import key_mapper
 from .io.data_writer import typed_write_error
@@ -109,7 +110,7 @@ class SaveResult:
 def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          compression: str = "zstd", level: int = 1, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
          threads: int | None = None, overwrite: bool = True,
-         metadata: dict | None = None) -> SaveResult:
+         metadata: dict | None = None, timeout: float | None = None) -> SaveResult:
     """Save `state` as a sharded checkpoint at `path`; every rank calls it.
 
     `state` is a dict with DCP semantics (tensors, DTensors, nested dicts,
@@ -117,17 +118,20 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     "train", an nn.Module under "model", an optimizer under "optimizer", anything
     else under "state"). Each rank writes its own file in parallel; the checkpoint
     becomes visible only after every rank's data is durable and rank 0 has
-    committed the manifest.
+    committed the manifest. A rank that calls it while others of the group do not
+    gets CollectiveTimeoutError after `timeout` seconds (default 600).
     """
     t0 = time.perf_counter()
     state = as_state(state)
+    join(process_group, what="save", path=os.fspath(path), timeout=timeout)
     if threads is None:
         threads = codec.blocking_threads()
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
                          threads=threads, overwrite=overwrite, user_metadata=metadata)
     try:
         with quiet_no_dist():
-            md = dcp.save(state, storage_writer=writer, process_group=process_group)
+            md = dcp.save(state, storage_writer=writer, process_group=process_group,
+                          planner=SafeSavePlanner(path=os.fspath(path)))
     except BaseException as e:
         writer.abort()
         err = typed_error(e, path=os.fspath(path), action="save")
@@ -143,7 +147,7 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
 def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          strict: bool = True, threads: int | None = None, verify: bool = True,
          strip_prefix: str | Sequence[str] | None = None,
-         rename: dict[str, str] | None = None) -> None:
+         rename: dict[str, str] | None = None, timeout: float | None = None) -> None:
     """Load a checkpoint into `state` in place, at any world size (DCP semantics).
 
     With `strict`, keys missing from the checkpoint, keys of the checkpoint that
@@ -151,6 +155,7 @@ def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     `strip_prefix` ("module.") and `rename` ({regex: replacement}) map the
     checkpoint's keys to the state's before matching.
     """
+    join(process_group, what="load", path=os.fspath(path), timeout=timeout)
     if threads is None:
         threads = codec.blocking_threads()  # the caller waits for the load: use every CPU
     # Opened once, with typed errors before any collective starts.

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from . import api, codec
+from .dcp.join import join
 
 log = logging.getLogger("shardckpt")
 _ALIGN = 64
@@ -207,6 +208,9 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     t0 = time.perf_counter()
     state = api.as_state(state)
     path = os.fspath(path)
+    # Meet the other ranks here, in the caller's thread: a rank-0-only call fails now
+    # instead of leaving a background save waiting forever.
+    join(process_group, what="async_save", path=path, timeout=save_kwargs.pop("timeout", None))
     with _saver.lock:
         while len(_saver.inflight) >= max(1, max_in_flight):
             handle, pool = _saver.inflight.pop(0)

@@ -18,8 +18,8 @@ import shardckpt
 from shardckpt import format as fmt
 from shardckpt.io.reader import read_manifest
 from shardckpt.tools.safetensors_io import SafetensorsFile
-from tests._dist import run_world
-from tests.workers_storage import compare_trees, fsdp_load, fsdp_save
+from tests.workers.storage import compare_trees, fsdp_load, fsdp_save
+from tests.workers.world import run_world
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = 101
@@ -45,7 +45,7 @@ def fsdp3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def trainstate2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.workers_cli import trainstate_save
+    from tests.workers.cli import trainstate_save
 
     path = tmp_path_factory.mktemp("ts") / "ckpt"
     run_world(2, trainstate_save, str(path))
@@ -168,9 +168,9 @@ def test_diff(fsdp3: tuple[Path, Path], tmp_path: Path) -> None:
     line = next(x for x in p.stdout.splitlines() if x.startswith("values differ: model.2.weight"))
     assert "max |A-B| = 1" in line and "99.99%" in line
     # Checkpoint against a model built by code: will it load?
-    ok = cli("diff", path, "tests.workers_cli:small_model").stdout
+    ok = cli("diff", path, "tests.workers.cli:small_model").stdout
     assert "keys under 'model.'" in ok and "will load" in ok
-    bad = cli("diff", path, "tests.workers_cli:wrong_model", check=1).stdout
+    bad = cli("diff", path, "tests.workers.cli:wrong_model", check=1).stdout
     assert "mismatch: 2.weight" in bad
 
 

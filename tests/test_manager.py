@@ -27,9 +27,8 @@ from shardckpt.io.fsutil import HOST, dir_size
 from shardckpt.io.reader import find_partials, read_manifest
 from shardckpt.manager import BEST_POINTER, LATEST_POINTER, CheckpointManager
 from shardckpt.manager import names as manager_mod  # READERS_DIR, pointer names
-
-from . import workers_manager as W
-from ._dist import _entry, free_port
+from tests.workers import manager as W
+from tests.workers.world import _entry, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +131,7 @@ def test_restore_empty_root_returns_none(tmp_path):
                                           ("retention", 3)])
 def test_kill9_during_save(tmp_path, point, expect):
     root, flag = tmp_path / "ck", tmp_path / "flag"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.workers_manager", "kill", point,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.workers.manager", "kill", point,
                              str(root), str(flag)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -1,7 +1,7 @@
 """DCP integration: the storage plugins, the load planner, the object-safety policy."""
 
-from .planner import SafeLoadPlanner
+from .planner import SafeLoadPlanner, SafeSavePlanner
 from .reader import ShardReader
 from .writer import ShardWriter
 
-__all__ = ["SafeLoadPlanner", "ShardReader", "ShardWriter"]
+__all__ = ["SafeLoadPlanner", "SafeSavePlanner", "ShardReader", "ShardWriter"]

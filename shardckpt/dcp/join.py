@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import threading
 from typing import Any
 
 import torch.distributed as dist
@@ -24,8 +25,11 @@ from ..errors import CollectiveTimeoutError
 DEFAULT_TIMEOUT_S = float(os.environ.get("SHARDCKPT_JOIN_TIMEOUT", "600"))
 
 # Rounds per group, counted alike on every rank because every rank makes the same
-# sequence of save/load calls (that is what the rendezvous checks).
-_rounds: dict[tuple[int, ...], int] = {}
+# sequence of save/load calls on that group (that is what the rendezvous checks).
+# Keyed by group name: a background save's own group must not share the count of
+# the caller's group, whose calls interleave with it differently on each rank.
+_rounds: dict[str, int] = {}
+_lock = threading.Lock()
 
 
 def _store(group: Any) -> Any:
@@ -49,9 +53,10 @@ def join(process_group: Any, *, what: str, path: str, timeout: float | None) -> 
     rank = dist.get_rank(group)
     ranks = tuple(dist.get_process_group_ranks(group))
     timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
-    seq = _rounds.get(ranks, 0) + 1
-    _rounds[ranks] = seq
-    tag = hashlib.sha1(repr(ranks).encode()).hexdigest()[:12]
+    name = f"{getattr(group, 'group_name', '')}:{ranks}"
+    with _lock:
+        seq = _rounds[name] = _rounds.get(name, 0) + 1
+    tag = hashlib.sha1(name.encode()).hexdigest()[:12]
     base = f"shardckpt/join/{tag}/{seq}"
     store = _store(group)
     me = f"{what} {os.path.abspath(path)}"

@@ -7,15 +7,16 @@ import io
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItemType
 
 from ..errors import (
     DtypeMismatchError,
     MissingKeysError,
     ShapeMismatchError,
     UnexpectedKeysError,
+    UnsafeObjectError,
 )
 from ..format.keys import is_rank_local
 from .safety import safe_torch_load
@@ -24,6 +25,32 @@ from .safety import safe_torch_load
 def _fmt_keys(keys: list[str], limit: int = 8) -> str:
     head = ", ".join(repr(k) for k in keys[:limit])
     return head + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class SafeSavePlanner(DefaultSavePlanner):
+    """DCP's default save planner that refuses, before anything is written, a value
+    that would not load back: shardckpt loads objects under weights_only rules."""
+
+    def __init__(self, *, path: str = "") -> None:
+        super().__init__()
+        self.path = path
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        for item in plan.items:
+            if item.type != WriteItemType.BYTE_IO:
+                continue
+            fqn = item.index.fqn
+            try:
+                torch.load(io.BytesIO(self.resolve_data(item).getvalue()), weights_only=True)
+            except Exception as e:
+                kind = type(self.state_dict.get(fqn)).__name__
+                raise UnsafeObjectError(
+                    f"{self.path}: cannot save {fqn!r}: a {kind} would not load back (objects "
+                    f"load under weights_only rules: tensors, int, float, str, bool, None, list, "
+                    f"tuple, dict). Store plain values, or give the object state_dict() / "
+                    f"load_state_dict(). Nothing was written.") from e
+        return plan
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

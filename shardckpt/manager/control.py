@@ -7,6 +7,7 @@ interleave with training collectives.
 
 from __future__ import annotations
 
+import datetime
 import errno
 from collections.abc import Callable
 from typing import Any
@@ -52,14 +53,15 @@ def rebuild_error(name: str, message: str) -> BaseException:
 class Control:
     """The manager's collectives, on a dedicated gloo group (or none when not distributed)."""
 
-    def __init__(self, process_group: Any) -> None:
+    def __init__(self, process_group: Any, timeout: float | None = None) -> None:
         self.group = None
         self.rank, self.size = 0, 1
         if not (dist.is_available() and dist.is_initialized()):
             return
         ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
         # Collective over the default group, like every new_group call.
-        self.group = dist.new_group(ranks=ranks, backend="gloo")
+        kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        self.group = dist.new_group(ranks=ranks, backend="gloo", **kw)
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self._src = dist.get_global_rank(self.group, 0)

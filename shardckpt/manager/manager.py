@@ -98,7 +98,8 @@ class CheckpointManager:
                  lease_ttl_s: float = 24 * 3600.0,
                  preemption_grace_s: float | None = 120.0,
                  on_save: Callable[[ManagerSaveResult], Any] | None = None,
-                 on_restore: Callable[[int, str], Any] | None = None) -> None:
+                 on_restore: Callable[[int, str], Any] | None = None,
+                 timeout: float | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_best < 0:
@@ -129,7 +130,8 @@ class CheckpointManager:
         self._warned = False
         self._pending: tuple[int, dict, Any] | None = None  # async: (step, metrics, handle)
         self._last_saved_step: int | None = None
-        self._ctrl = Control(process_group)
+        self.timeout = timeout
+        self._ctrl = Control(process_group, timeout)
         self._pointers = Pointers(self.root)
         self._leases = Leases(self.root, lease_ttl_s)
         self._keeper = RootKeeper(
@@ -251,7 +253,8 @@ class CheckpointManager:
         opts = dict(self.save_options)
         if sync:
             try:
-                r = _save(state, path, process_group=self._dcp_group(), metadata=meta, **opts)
+                r = _save(state, path, process_group=self._dcp_group(), metadata=meta,
+                          timeout=self.timeout, **opts)
             except BaseException as e:
                 self._on_save_error(step, e)
                 raise
@@ -264,7 +267,7 @@ class CheckpointManager:
             return res
         t0 = time.perf_counter()
         handle = _async_save_fn()(state, path, process_group=self.process_group, metadata=meta,
-                                **opts)
+                                  timeout=self.timeout, **opts)
         self._pending = (step, metrics, handle)
         self._keeper.pending_name = step_dir_name(step)
         self._last_saved_step = step

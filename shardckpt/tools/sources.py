@@ -176,6 +176,28 @@ class TorchSource(Source):
         return self.flat[key]
 
 
+def _weight_map(index_path: str) -> dict[str, str]:
+    """`weight_map` of a safetensors index, every file a plain name next to the index."""
+    try:
+        with open(index_path, "rb") as f:
+            index = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError) as e:
+        raise NotACheckpointError(f"{index_path}: not a readable safetensors index ({e}).") from None
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in wm.items()):
+        raise NotACheckpointError(f"{index_path}: `weight_map` is not an object of key -> file "
+                                  f"name strings.")
+    base = os.path.dirname(index_path)
+    for name in set(wm.values()):
+        if (os.path.isabs(name) or name != os.path.basename(name) or name in ("", ".", "..")
+                or os.path.islink(os.path.join(base, name))):
+            raise NotACheckpointError(
+                f"{index_path}: weight_map names {name!r}, which is not a file next to the "
+                f"index; refusing to read outside the checkpoint.")
+    return wm
+
+
 class SafetensorsSource(Source):
     """One .safetensors file, or a sharded set described by a *.index.json."""
 
@@ -184,10 +206,8 @@ class SafetensorsSource(Source):
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         if path.endswith(".json"):
-            with open(path, "rb") as f:
-                index = json.loads(f.read())
             base = os.path.dirname(path)
-            for name in sorted(set(index["weight_map"].values())):
+            for name in sorted(set(_weight_map(path).values())):
                 self.files[name] = SafetensorsFile(os.path.join(base, name))
         else:
             self.files[os.path.basename(path)] = SafetensorsFile(path)

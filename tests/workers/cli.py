@@ -21,13 +21,13 @@ def trainstate_save(rank: int, ws: int, path: str) -> None:
 
 
 def small_model() -> nn.Module:
-    """Target of `shardckpt diff CKPT workers_cli:small_model` (matches build_model(wide=101))."""
-    from tests.workers_storage import build_model
+    """Target of `shardckpt diff CKPT workers.cli:small_model` (matches build_model(wide=101))."""
+    from tests.workers.storage import build_model
 
     return build_model(0, 101)
 
 
 def wrong_model() -> nn.Module:
-    from tests.workers_storage import build_model
+    from tests.workers.storage import build_model
 
     return build_model(0, 100)

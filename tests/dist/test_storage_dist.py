@@ -16,8 +16,8 @@ import shardckpt
 from shardckpt import format as fmt
 from shardckpt.io.reader import find_partials
 
-from . import workers_storage as W
-from ._dist import _entry, free_port, run_world
+from tests.workers import storage as W
+from tests.workers.world import _entry, free_port, run_world
 
 
 @pytest.fixture(scope="module")

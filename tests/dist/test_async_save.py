@@ -13,8 +13,8 @@ import torch
 import shardckpt
 from shardckpt.async_save import staging_stats
 
-from . import workers_async as W
-from ._dist import run_world
+from tests.workers import async_ as W
+from tests.workers.world import run_world
 
 
 def test_snapshot_is_taken_at_call_time(tmp_path):

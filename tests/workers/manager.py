@@ -1,8 +1,8 @@
 """Bodies of the CheckpointManager tests that run in other processes.
 
-`python -m tests.workers_manager kill POINT ROOT FLAG` saves steps 1 and 2, then
+`python -m tests.workers.manager kill POINT ROOT FLAG` saves steps 1 and 2, then
 starts step 3 and parks at POINT (touching FLAG) so the test can SIGKILL it.
-The gloo workers are called through tests/_dist.py.
+The gloo workers are called through tests/workers/world.py.
 """
 
 from __future__ import annotations
