@@ -103,14 +103,30 @@ def test_overwrite_replaces_atomically(tmp_path):
         shardckpt.save({"x": torch.ones(10)}, path, overwrite=False)
 
 
-def test_refuses_to_overwrite_non_checkpoint(tmp_path):
+def test_saving_into_a_directory_of_other_files_keeps_them(tmp_path):
+    # As DCP does (issue 14): the directory's own files stay; a file at the path or a
+    # foreign `data` entry is refused, untouched.
     d = tmp_path / "mydata"
     d.mkdir()
     (d / "precious.txt").write_text("keep me")
-    with pytest.raises(shardckpt.CheckpointExistsError, match="not a shardckpt checkpoint"):
-        shardckpt.save({"x": torch.ones(3)}, d)
+    shardckpt.save({"x": torch.ones(3)}, d)
     assert (d / "precious.txt").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["mydata"]
+    t = {"x": torch.zeros(3)}
+    shardckpt.load(t, d)
+    assert torch.equal(t["x"], torch.ones(3))
+    f = tmp_path / "afile"
+    f.write_text("keep me too")
+    with pytest.raises(shardckpt.CheckpointExistsError, match="not a directory"):
+        shardckpt.save({"x": torch.ones(3)}, f)
+    assert f.read_text() == "keep me too"
+    d2 = tmp_path / "dataset"
+    (d2 / "data").mkdir(parents=True)
+    (d2 / "data" / "x.csv").write_text("1,2")
+    with pytest.raises(shardckpt.CheckpointExistsError, match="did not write"):
+        shardckpt.save({"x": torch.ones(3)}, d2)
+    assert (d2 / "data" / "x.csv").read_text() == "1,2"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dataset", "mydata"]
 
 
 def test_missing_path(tmp_path):

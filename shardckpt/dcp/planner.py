@@ -19,7 +19,7 @@ from ..errors import (
     UnsafeObjectError,
 )
 from ..format.keys import is_rank_local
-from .safety import safe_torch_load
+from .safety import safe_torch_load, weights_only_load
 
 
 def _fmt_keys(keys: list[str], limit: int = 8) -> str:
@@ -42,7 +42,7 @@ class SafeSavePlanner(DefaultSavePlanner):
                 continue
             fqn = item.index.fqn
             try:
-                torch.load(io.BytesIO(self.resolve_data(item).getvalue()), weights_only=True)
+                weights_only_load(io.BytesIO(self.resolve_data(item).getvalue()))
             except Exception as e:
                 kind = type(self.state_dict.get(fqn)).__name__
                 raise UnsafeObjectError(

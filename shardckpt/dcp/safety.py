@@ -21,10 +21,20 @@ def _one_line(e: BaseException) -> str:
     return text[:200]
 
 
+# Beyond torch's weights_only set: io.BytesIO, which DCP users put into states
+# (DCP saves it pickled). Unpickling it builds a BytesIO from bytes and runs no code.
+SAFE_GLOBALS = [io.BytesIO]
+
+
+def weights_only_load(buf: io.BytesIO) -> Any:
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(buf, weights_only=True)
+
+
 def safe_torch_load(buf: io.BytesIO, *, path: str, key: str) -> Any:
     """torch.load under weights_only rules: a checkpoint can never run code on load."""
     try:
-        return torch.load(buf, weights_only=True)
+        return weights_only_load(buf)
     except Exception as e:
         raise UnsafeObjectError(
             f"{path}: object {key!r} cannot be loaded under weights_only rules "

@@ -40,6 +40,7 @@ from ..format.names import (
     staging_name,
     trash_name,
 )
+from .foreign import carry_into, check_target
 from .fsutil import (
     HOST,
     exchange,
@@ -124,12 +125,10 @@ class Commit:
         final = os.path.abspath(final)
         check_name(final)
         state = storage_for(final).state(final)
-        if state == DirState.OTHER:
-            raise CheckpointExistsError(
-                f"{final}: exists and is not a shardckpt checkpoint; refusing to overwrite it. "
-                f"Choose another path or remove it.")
         if state == DirState.COMMITTED and not overwrite:
             raise _exists(final)
+        if state == DirState.OTHER:  # a directory of other files, kept as DCP keeps them
+            check_target(final, committed=False)
         parent, name = os.path.split(final)
         try:
             os.makedirs(parent, exist_ok=True)
@@ -252,12 +251,25 @@ def _fsync_published(parent: str, final: str) -> None:
         raise err from e
 
 
+def _own_data(final: str) -> set[str]:
+    """The data files the committed checkpoint at `final` names (all of data/ if unreadable)."""
+    from .reader import read_manifest
+
+    try:
+        return set(read_manifest(final).files)
+    except (ShardckptError, OSError):
+        d = os.path.join(final, DATA_DIR)
+        return {f"{DATA_DIR}/{n}" for n in os.listdir(d)} if os.path.isdir(d) else set()
+
+
 def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = False) -> None:
     """Make `staging` visible as `final` in one atomic step.
 
     A committed checkpoint already at `final` is swapped out atomically (readers
     see the old or the new one, never neither) when `overwrite`, else the save
-    fails with CheckpointExistsError; an empty directory there is replaced.
+    fails with CheckpointExistsError; an empty directory there is replaced. Files
+    there that shardckpt did not write are kept (foreign.py); `replace_any`
+    replaces the whole directory (an export the tools wrote themselves).
     """
     parent, name = os.path.split(os.path.abspath(final))
     for _ in range(3):
@@ -280,12 +292,12 @@ def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = Fa
             continue
         if state == DirState.MISSING:
             continue
-        if state != DirState.COMMITTED and not replace_any:
-            raise CheckpointExistsError(
-                f"{final}: appeared during the save and is not a shardckpt checkpoint; "
-                f"nothing was committed (the data is in {staging}).")
-        if not overwrite:
+        committed = state == DirState.COMMITTED
+        if committed and not overwrite:
             raise _exists(final)
+        if not replace_any:
+            check_target(final, committed)
+            carry_into(final, staging, _own_data(final) if committed else None)
         if exchange(staging, final):
             try:
                 _fsync_published(parent, final)

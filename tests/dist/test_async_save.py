@@ -64,9 +64,8 @@ def test_state_over_the_cap_still_saves_exactly(tmp_path):
 
 
 def test_background_error_surfaces_at_wait_and_next_save(tmp_path):
-    bad = tmp_path / "notackpt"
-    bad.mkdir()
-    (bad / "keep.txt").write_text("x")
+    bad = tmp_path / "notackpt"  # a regular file: no checkpoint can be published there
+    bad.write_text("x")
     h = shardckpt.async_save({"w": torch.ones(3)}, bad)
     with pytest.raises(shardckpt.CheckpointExistsError):
         h.wait()
@@ -75,7 +74,7 @@ def test_background_error_surfaces_at_wait_and_next_save(tmp_path):
     h2._done.wait()
     with pytest.raises(shardckpt.CheckpointExistsError):
         shardckpt.async_save({"w": torch.ones(3)}, tmp_path / "ok")
-    assert (bad / "keep.txt").read_text() == "x"
+    assert bad.read_text() == "x"
 
 
 def test_multi_rank_async_save_with_training_collectives(tmp_path):

@@ -199,3 +199,28 @@ def save_then_hang(rank: int, ws: int, good: str, bad: str, flag: str) -> None:
 def rank_pid(rank: int, ws: int) -> int:
     dist.barrier()
     return os.getpid()
+
+
+def plain_dcp_save(rank: int, ws: int, path: str, ref: str, wide: int) -> None:
+    """Stock `dcp.save` with the plugin in place of FileSystemWriter (DTensors, FSDP2)."""
+    model = _fsdp(build_model(0, wide), ws)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, rank)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, storage_writer=shardckpt.ShardWriter(path))
+    full = _full(model, opt)
+    if rank == 0:
+        torch.save(full, ref)
+
+
+def plain_dcp_load(rank: int, ws: int, path: str, ref: str, wide: int) -> list[str]:
+    """Stock `dcp.load` (its default planner) with the plugin, at another world size."""
+    model = _fsdp(build_model(1, wide), ws)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train(model, opt, rank, steps=1)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, storage_reader=shardckpt.ShardReader(path))
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    full = _full(model, opt)
+    return compare_trees(torch.load(ref, weights_only=True), full) if rank == 0 else []

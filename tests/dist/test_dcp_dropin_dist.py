@@ -1,0 +1,13 @@
+"""Stock dcp.save / dcp.load with the plugins, FSDP2 DTensors resharded 2 -> 3 (gloo)."""
+
+from __future__ import annotations
+
+from tests.workers import storage as W
+from tests.workers.world import run_world
+
+
+def test_plain_dcp_fsdp2_save_at_2_load_at_3_bitwise(tmp_path):
+    path, ref = str(tmp_path / "ck"), str(tmp_path / "ref.pt")
+    run_world(2, W.plain_dcp_save, path, ref, 37)
+    out = run_world(3, W.plain_dcp_load, path, ref, 37)
+    assert out[0] == []
