@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import load, save
+from .api import LoadReport, SaveResult, load, load_model, save
 from .async_save import AsyncSaveHandle, async_save  # eager: the submodule shares the name
 from .dcp import ShardReader, ShardWriter
 from .errors import (
@@ -60,7 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "__version__", "save", "load", "async_save", "AsyncSaveHandle", "verify", "VerifyReport", "ShardReader", "ShardWriter",
+    "__version__", "save", "load", "load_model", "LoadReport", "SaveResult", "async_save", "AsyncSaveHandle", "verify", "VerifyReport", "ShardReader", "ShardWriter",
     *_LAZY,
     "ShardckptError", "CheckpointNotFoundError", "CollectiveTimeoutError", "NotACheckpointError",
     "IncompleteCheckpointError", "CorruptCheckpointError", "StateMismatchError",

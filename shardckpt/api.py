@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import logging
 import os
 import time
 import warnings
@@ -18,10 +20,13 @@ from . import codec
 from . import format as fmt
 from .dcp import SafeLoadPlanner, SafeSavePlanner, ShardReader, ShardWriter
 from .dcp.join import join
-from .errors import LoadFailedError, SaveFailedError, ShardckptError
-from .format.keys import key_mapper
+from .dcp.planner import key_hint
+from .errors import LoadFailedError, MissingKeysError, SaveFailedError, ShardckptError
+from .format.keys import key_mapper, model_key_map
 from .io.data_writer import typed_write_error
 from .io.reader import CheckpointReader
+
+log = logging.getLogger("shardckpt")
 
 
 @contextmanager
@@ -144,16 +149,48 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
                       bytes_logical=int(totals.get("bytes_logical", 0)))
 
 
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load did (this rank's view): keys loaded, asked for but absent, and
+    stored but not asked for (within include/exclude)."""
+
+    path: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _scope(include: Sequence[str] | None, exclude: Sequence[str] | None) -> Any:
+    if not include and not exclude:
+        return None
+    inc = [include] if isinstance(include, str) else list(include or ())
+    exc = [exclude] if isinstance(exclude, str) else list(exclude or ())
+
+    def in_scope(key: str) -> bool:
+        return ((not inc or any(fnmatch.fnmatchcase(key, g) for g in inc))
+                and not any(fnmatch.fnmatchcase(key, g) for g in exc))
+
+    return in_scope
+
+
 def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          strict: bool = True, threads: int | None = None, verify: bool = True,
+         include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
          strip_prefix: str | Sequence[str] | None = None,
-         rename: dict[str, str] | None = None, timeout: float | None = None) -> None:
+         rename: dict[str, str] | None = None, timeout: float | None = None) -> LoadReport:
     """Load a checkpoint into `state` in place, at any world size (DCP semantics).
 
     With `strict`, keys missing from the checkpoint, keys of the checkpoint that
     nothing asked for, and shape or dtype differences raise typed errors.
-    `strip_prefix` ("module.") and `rename` ({regex: replacement}) map the
-    checkpoint's keys to the state's before matching.
+    `include` / `exclude` (glob patterns on the checkpoint's keys) limit which
+    checkpoint keys the load is about: the others are never "unexpected"; every
+    key the state asks for must still be there. `strip_prefix` ("module.") and
+    `rename` ({regex: replacement}) map the checkpoint's keys to the state's
+    before matching (docs/USAGE.md: key mapping). Returns a LoadReport; with
+    strict=False it warns when an asked-for key was not loaded.
     """
     join(process_group, what="load", path=os.fspath(path), timeout=timeout)
     if threads is None:
@@ -162,13 +199,48 @@ def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     ckpt = CheckpointReader(path, threads=threads, verify=verify,
                             key_map=key_mapper(strip_prefix, rename))
     try:
-        load_open(as_state(state), ckpt, process_group=process_group, strict=strict)
+        return load_open(as_state(state), ckpt, process_group=process_group, strict=strict,
+                         scope=_scope(include, exclude))
     finally:
         ckpt.close()
 
 
+def load_model(model: Any, path: str | os.PathLike, *, strict: bool = True,
+               process_group: Any = None, threads: int | None = None,
+               timeout: float | None = None) -> LoadReport:
+    """Load only the model's weights from any shardckpt checkpoint, at any world size.
+
+    The model's keys are found wherever the checkpoint keeps them: a plain state,
+    a TrainState under any top-level key (`train.model.`), behind DDP / compiled
+    wrappers (`module.`, `_orig_mod.`). Optimizer, scheduler, RNG and the rest
+    of the checkpoint are neither read nor touched. FSDP2 / DDP models work
+    through torch's get/set_model_state_dict.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    join(process_group, what="load_model", path=os.fspath(path), timeout=timeout)
+    if threads is None:
+        threads = codec.blocking_threads()
+    msd = get_model_state_dict(model)
+    ckpt = CheckpointReader(path, threads=threads)
+    try:
+        key_map, prefix, hits = model_key_map(msd, ckpt.stored_manifest.keys())
+        if hits == 0:
+            raise MissingKeysError(
+                f"{ckpt.path}: none of the model's {len(msd)} keys (e.g. {next(iter(msd), '')!r}) "
+                f"is in the checkpoint, under any prefix; is it a checkpoint of this model?")
+        ckpt.remap(key_map)
+        report = load_open(msd, ckpt, process_group=process_group, strict=strict,
+                           scope=lambda k: not k.startswith("\0"))
+    finally:
+        ckpt.close()
+    set_model_state_dict(model, msd)
+    return report
 def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: Any = None,
-              strict: bool = True) -> None:
+              strict: bool = True, scope: Any = None) -> LoadReport:
     """`load` from a checkpoint the caller has opened (the manager opens it once)."""
     keys = ckpt.manifest.keys()
     for value in state.values():
@@ -177,7 +249,7 @@ def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: A
         prepare = getattr(value, "prepare_load", None)
         if callable(prepare):
             prepare(keys)
-    planner = SafeLoadPlanner(strict=strict, path=ckpt.path)
+    planner = SafeLoadPlanner(strict=strict, path=ckpt.path, scope=scope)
     try:
         with quiet_no_dist():
             dcp.load(state, storage_reader=ShardReader(reader=ckpt), planner=planner,
@@ -187,3 +259,20 @@ def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: A
         if err is e:
             raise
         raise err from e
+    asked = set(planner.state_dict)
+    report = LoadReport(path=ckpt.path, loaded=sorted(asked - set(planner.missing)),
+                        missing=list(planner.missing), unexpected=list(planner.unexpected))
+    if report.missing and not strict:
+        if not report.loaded:
+            log.error("shardckpt.load: NOTHING was loaded from %s: none of the %d keys asked "
+                      "for is in the checkpoint", ckpt.path, len(asked))
+            warnings.warn(
+                f"{ckpt.path}: NOTHING was loaded: none of the {len(asked)} keys asked for is "
+                f"in the checkpoint (e.g. {report.missing[0]!r}); the state is unchanged."
+                f"{key_hint(report.missing, ckpt.manifest.keys())}", UserWarning, stacklevel=3)
+        else:
+            warnings.warn(
+                f"{ckpt.path}: {len(report.missing)} of {len(asked)} keys asked for are not in "
+                f"the checkpoint and keep their values (e.g. {report.missing[0]!r})."
+                f"{key_hint(report.missing, ckpt.manifest.keys())}", UserWarning, stacklevel=3)
+    return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
@@ -18,7 +19,7 @@ from ..errors import (
     UnexpectedKeysError,
     UnsafeObjectError,
 )
-from ..format.keys import is_rank_local
+from ..format.keys import is_rank_local, mapping_hint
 from .safety import safe_torch_load, weights_only_load
 
 
@@ -53,20 +54,44 @@ class SafeSavePlanner(DefaultSavePlanner):
         return plan
 
 
+def key_hint(wanted: list[str], stored: list[str]) -> str:
+    """A strip_prefix / rename that would make the keys match, as advice, or ""."""
+    hint = mapping_hint(wanted, stored)
+    return f" The keys differ by a prefix: {hint}." if hint else ""
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
-    def __init__(self, *, strict: bool = True, path: str = "") -> None:
+    """DCP's default load planner plus strict key/shape/dtype checks and safe objects.
+
+    `scope(key)` (checkpoint keys, after key mapping) says which checkpoint keys
+    this load is about: keys out of scope are never "unexpected" (partial loads:
+    include/exclude, load_model). After planning, `missing` and `unexpected`
+    hold what strict mode would have refused.
+    """
+
+    def __init__(self, *, strict: bool = True, path: str = "",
+                 scope: Callable[[str], bool] | None = None) -> None:
         super().__init__(allow_partial_load=not strict)
         self.strict = strict
         self.path = path
+        self.scope = scope
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def _in_scope(self, key: str) -> bool:
+        return self.scope is None or self.scope(key)
 
     def create_local_plan(self) -> LoadPlan:
         md = self.metadata.state_dict_metadata
-        missing = sorted(k for k in self.state_dict if k not in md)
+        missing = self.missing = sorted(k for k in self.state_dict if k not in md)
+        self.unexpected = sorted(k for k in md if k not in self.state_dict
+                                 and self._in_scope(k) and not is_rank_local(k))
         if missing and self.strict:
             raise MissingKeysError(
                 f"{self.path}: {len(missing)} key(s) of the state are not in the checkpoint: "
-                f"{_fmt_keys(missing)}. Check that the model matches the checkpoint, or pass "
-                f"strict=False to load the keys that exist.")
+                f"{_fmt_keys(missing)}.{key_hint(missing, list(md))} Otherwise check that the "
+                f"model matches the checkpoint, or pass strict=False to load the keys that "
+                f"exist (a report says what was not loaded).")
         for fqn, obj in self.state_dict.items():
             m = md.get(fqn)
             if m is None:
@@ -102,12 +127,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 wanted.update(p.planner_data or ())
             # A vanished rank's private keys are expected after a resize.
             unexpected = sorted(k for k in self.metadata.state_dict_metadata
-                                if k not in wanted and not is_rank_local(k))
+                                if k not in wanted and not is_rank_local(k)
+                                and self._in_scope(k))
             if unexpected:
                 raise UnexpectedKeysError(
                     f"{self.path}: {len(unexpected)} key(s) of the checkpoint are not in the "
                     f"state to load into: {_fmt_keys(unexpected)}. Check that the model matches "
-                    f"the checkpoint, or pass strict=False to ignore them.")
+                    f"the checkpoint, load a part with include=/exclude= (globs), only the "
+                    f"model with shardckpt.load_model, or pass strict=False to ignore them.")
         return super().create_global_plan(global_plan)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:

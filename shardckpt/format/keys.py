@@ -116,3 +116,76 @@ def prefix_hint(wanted: Iterable[str], stored: Iterable[str]) -> str | None:
         if hits and (best is None or hits > best[0]):
             best = (hits, p)
     return None if best is None or best[0] <= len(wanted & stored) else best[1]
+
+
+# Wrapper modules that insert a component into every key below them.
+WRAPPER_COMPONENTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.",
+                      "_checkpoint_wrapped_module.")
+
+
+def model_key_map(wanted: Iterable[str], stored: Iterable[str]) -> tuple[KeyMap, str, int]:
+    """A key function that finds a model's keys inside any checkpoint layout.
+
+    The model's keys (`wanted`) may sit under a prefix (`train.model.`, `model.`)
+    and behind wrappers (`module.`, `_orig_mod.`). Returns (key map, prefix,
+    number of wanted keys found): stored keys of the model map to the model's
+    keys; every other stored key maps to a name no model key has.
+    """
+    wanted = set(wanted)
+    stored = list(stored)
+    unwrap = key_mapper(WRAPPER_COMPONENTS)
+    best: tuple[int, str, KeyMap | None] = (0, "", None)
+    for norm in (lambda k: k, unwrap):
+        counts: dict[str, int] = {}
+        for k in stored:
+            n = norm(k)
+            for i in [0] + [j + 1 for j, c in enumerate(n) if c == "."]:
+                if n[i:] in wanted:
+                    counts[n[:i]] = counts.get(n[:i], 0) + 1
+        for prefix, hits in counts.items():
+            if hits > best[0] or (hits == best[0] and best[2] is not None
+                                  and len(prefix) < len(best[1])):
+                best = (hits, prefix, norm)
+        if best[0] == len(wanted):
+            break
+    hits, prefix, norm = best
+    if norm is None:
+        return (lambda k: "\0" + k), "", 0
+
+    def fn(key: str) -> str:
+        n = norm(key)
+        if n.startswith(prefix) and n[len(prefix):] in wanted:
+            return n[len(prefix):]
+        return "\0" + key  # not the model's: out of every state key's way
+
+    return fn, prefix, hits
+
+
+def mapping_hint(wanted: Iterable[str], stored: Iterable[str]) -> str | None:
+    """The strip_prefix / rename that would map most stored keys onto wanted ones, as
+    advice ("pass strip_prefix='module.'"), or None when no prefix change helps.
+
+    Matches keys by their common tail (whole components) and counts the most
+    frequent pair (stored prefix, wanted prefix).
+    """
+    wanted, stored = set(wanted), set(stored)
+    by_tail: dict[str, set[str]] = {}
+    for s in stored:
+        for i in [0] + [j + 1 for j, c in enumerate(s) if c == "."]:
+            by_tail.setdefault(s[i:], set()).add(s[:i])
+    counts: dict[tuple[str, str], int] = {}
+    for w in wanted:
+        for i in [0] + [j + 1 for j, c in enumerate(w) if c == "."]:
+            for sp in by_tail.get(w[i:], ()):
+                if (sp, w[:i]) != ("", ""):
+                    counts[(sp, w[:i])] = counts.get((sp, w[:i]), 0) + 1
+    if not counts:
+        return None
+    (sp, wp), hits = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0][0]) - len(kv[0][1])))
+    if hits <= len(wanted & stored):
+        return None
+    if not wp:
+        return f"pass strip_prefix={sp!r}"
+    if not sp:
+        return f"pass rename={{'^': {wp!r}}}"
+    return f"pass rename={{{'^' + re.escape(sp)!r}: {wp!r}}}"

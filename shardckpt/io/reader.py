@@ -143,6 +143,10 @@ class CheckpointReader:
     def close(self) -> None:
         self._ckpt.close()
 
+    def remap(self, key_map: KeyMap) -> None:
+        """Use `key_map` (checkpoint key -> caller's key) from now on."""
+        self.manifest = self.stored_manifest.renamed(key_map)
+
     def open_file(self, rel: str) -> Any:
         """A data file of this checkpoint (opened once, kept open): `.size`, `.pread`."""
         return self._ckpt.open_data(rel)

@@ -224,3 +224,13 @@ def plain_dcp_load(rank: int, ws: int, path: str, ref: str, wide: int) -> list[s
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     full = _full(model, opt)
     return compare_trees(torch.load(ref, weights_only=True), full) if rank == 0 else []
+
+
+def load_model_fsdp(rank: int, ws: int, path: str, ref: str, wide: int) -> list[str]:
+    """`shardckpt.load_model` into an FSDP2 model at another world size."""
+    model = _fsdp(build_model(1, wide), ws)
+    shardckpt.load_model(model, path)
+    full = _full(model, torch.optim.AdamW(model.parameters()))
+    if rank != 0:
+        return []
+    return compare_trees(torch.load(ref, weights_only=True)["model"], full["model"])
