@@ -19,6 +19,7 @@ Step and epoch count completed units: resume continues with the next one.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -38,8 +39,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
+from ..dcp.safety import weights_only_load
 from ..errors import ShardckptError
 from ..format.keys import RANK_KEY, rank_of_key
 from .data_position import ResumableLoader
@@ -135,6 +137,23 @@ def _split_extra(extra: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
     return text, tensors
 
 
+def _stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None))
+
+
+def _own_state(loader: Any) -> Any:
+    """The object whose state_dict() is the loader's position, if it keeps one itself."""
+    if loader is None or isinstance(loader, ResumableLoader):
+        return None
+    if _stateful(loader):
+        return loader
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset) and _stateful(dataset):
+        return dataset
+    return None
+
+
 class TrainState:
     """Model, optimizer, scheduler, GradScaler, RNG, data position and counters of a run.
 
@@ -153,7 +172,7 @@ class TrainState:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
-                 dataloader: DataLoader | ResumableLoader | None = None,
+                 dataloader: DataLoader | ResumableLoader | Any | None = None,
                  extra: dict[str, Any] | None = None, *,
                  options: StateDictOptions | None = None,
                  process_group: dist.ProcessGroup | None = None) -> None:
@@ -161,9 +180,15 @@ class TrainState:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scaler = scaler
-        if isinstance(dataloader, DataLoader):
+        # A loader that carries its own state (torchdata's StatefulDataLoader, or one
+        # over an IterableDataset with state_dict / load_state_dict) is saved per rank
+        # as it describes itself; a plain DataLoader gets a ResumableLoader.
+        self._loader_state = _own_state(dataloader)
+        if self._loader_state is None and isinstance(dataloader, DataLoader):
             dataloader = ResumableLoader(dataloader)
-        self.dataloader: ResumableLoader | None = dataloader
+        self.dataloader: Any = dataloader
+        self._resumable: ResumableLoader | None = (
+            dataloader if isinstance(dataloader, ResumableLoader) else None)
         self.extra: dict[str, Any] = dict(extra or {})
         self.step = 0
         self._epoch = 0
@@ -181,12 +206,12 @@ class TrainState:
     @property
     def epoch(self) -> int:
         """Completed epochs (= index of the epoch in progress)."""
-        return self.dataloader.epoch if self.dataloader is not None else self._epoch
+        return self._resumable.epoch if self._resumable is not None else self._epoch
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        if self.dataloader is not None:
-            self.dataloader.set_epoch(value)
+        if self._resumable is not None:
+            self._resumable.set_epoch(value)
         self._epoch = int(value)
 
     def update_best(self, value: float, mode: Literal["min", "max"] = "min") -> bool:
@@ -225,12 +250,18 @@ class TrainState:
             "world_size": world,
             "base_seed": base_seed(),
         }
-        if self.dataloader is not None:
-            sd["data"] = self.dataloader.position()
+        if self._resumable is not None:
+            sd["data"] = self._resumable.position()
         if self._load_ranks is None or rank in self._load_ranks:
             mine: dict[str, Any] = {"rng": _rng_state()}
-            if self.dataloader is not None:
-                mine["loader_generator"] = self.dataloader.generator_state()
+            if self._resumable is not None:
+                mine["loader_generator"] = self._resumable.generator_state()
+            if self._loader_state is not None:
+                # One opaque value: the loader's state changes shape as it iterates
+                # (worker states appear), which a key-by-key strict load would refuse.
+                buf = io.BytesIO()
+                torch.save(self._loader_state.state_dict(), buf)
+                mine["loader_state"] = io.BytesIO(buf.getvalue())
             sd[RANK_KEY.format(rank)] = mine
         return sd
 
@@ -263,8 +294,12 @@ class TrainState:
             self.step = int(p["step"])
             self._epoch = int(p["epoch"])
             self.best_metric = p["best_metric"]
-        if "data" in state_dict and self.dataloader is not None:
-            self.dataloader.load_position(state_dict["data"], mine.get("loader_generator"),
+        if "loader_state" in mine and self._loader_state is not None:
+            blob = mine["loader_state"]
+            data = blob.getvalue() if isinstance(blob, io.BytesIO) else bytes(blob)
+            self._loader_state.load_state_dict(weights_only_load(io.BytesIO(data)))
+        if "data" in state_dict and self._resumable is not None:
+            self._resumable.load_position(state_dict["data"], mine.get("loader_generator"),
                                           new_rank_seed=derive_seed(seed, rank) + 1)
 
         if saved_world != world:
