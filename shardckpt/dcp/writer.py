@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -25,21 +24,10 @@ from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
 from ..io.commit import Commit
-from ..io.data_writer import DataFileWriter
+from ..io.data_writer import DataFileWriter, tensor_bytes
 from .metadata import RankFile, manifest_from_results
 
 log = logging.getLogger("shardckpt")
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The row-major bytes of a tensor as a zero-copy view where possible."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 @dataclasses.dataclass(frozen=True)

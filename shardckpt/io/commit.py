@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from ..errors import CheckpointExistsError, InsufficientSpaceError, SaveFailedError, ShardckptError
+from ..errors import CheckpointExistsError, SaveFailedError, ShardckptError
 from ..format import Manifest
 from ..format.names import (
     DATA_DIR,
@@ -48,6 +48,7 @@ from .fsutil import (
     pid_alive,
     remove_dir,
     rename_noreplace,
+    typed_os_error,
     write_file_durable,
 )
 from .storage import storage_for
@@ -207,17 +208,7 @@ class Published(SaveFailedError):
 
 def typed_commit_error(e: OSError, final: str, what: str) -> BaseException:
     """An OSError of the commit protocol as a typed error naming the checkpoint."""
-    detail = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        err: BaseException = InsufficientSpaceError(
-            errno.ENOSPC, f"{final}: disk full while {what} ({detail}); nothing was committed "
-            f"and earlier checkpoints are intact. Free space and retry.")
-    else:
-        err = SaveFailedError(f"{final}: {what} failed ({detail}); nothing was committed and "
-                              f"earlier checkpoints are intact. Check the disk and permissions, "
-                              f"then retry.")
-    err.__cause__ = e
-    return err
+    return typed_os_error(e, final, what)
 
 
 def _exists(final: str) -> CheckpointExistsError:

@@ -6,7 +6,6 @@ whole-file crc32 is computed on the write pass, so no byte is read twice.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import threading
@@ -21,6 +20,7 @@ import torch
 from .. import codec
 from ..errors import InsufficientSpaceError, SaveFailedError
 from ..format import StoredItem
+from .fsutil import typed_os_error
 
 # How many encoded bytes may wait for the writer thread before encoding pauses.
 _WRITE_QUEUE_BYTES = 256 << 20
@@ -173,16 +173,7 @@ def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseExce
     final = final_of_staged(path)
     if final is not None:
         who = f"{final}: {who}"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        err: BaseException = InsufficientSpaceError(
-            errno.ENOSPC, f"{who}: disk full while writing the checkpoint ({e.strerror}); "
-            f"nothing was committed and earlier checkpoints are intact. Free space and retry.")
-    else:
-        err = SaveFailedError(f"{who}: writing the checkpoint failed ({e.strerror or e}); "
-                              f"nothing was committed and earlier checkpoints are intact. Check "
-                              f"the disk and permissions, then retry.")
-    err.__cause__ = e
-    return err
+    return typed_os_error(e, who, "writing the checkpoint")
 
 
 def final_of_staged(path: str) -> str | None:

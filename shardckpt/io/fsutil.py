@@ -127,3 +127,21 @@ def pid_alive(pid: int, host: str | None = None) -> bool | None:
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def typed_os_error(e: OSError, who: str, what: str) -> BaseException:
+    """An OSError of a save as the typed error a user sees: it names `who` (the
+    checkpoint, file and rank) and `what` was being done, and says what to do."""
+    from ..errors import InsufficientSpaceError, SaveFailedError
+
+    detail = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        err: BaseException = InsufficientSpaceError(
+            errno.ENOSPC, f"{who}: disk full while {what} ({detail}); nothing was committed "
+            f"and earlier checkpoints are intact. Free space and retry.")
+    else:
+        err = SaveFailedError(f"{who}: {what} failed ({detail}); nothing was committed and "
+                              f"earlier checkpoints are intact. Check the disk and permissions, "
+                              f"then retry.")
+    err.__cause__ = e
+    return err

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from ..api import quiet_no_dist
-from ..dcp.writer import tensor_bytes
 from ..format.keys import KeyMap, key_mapper
 from ..io.commit import publish
+from ..io.data_writer import tensor_bytes
 from ..io.fsutil import fsync_dir, fsync_file
 from .reshard import renamed_entries, write_checkpoint
 from .safetensors_io import write_safetensors

@@ -17,11 +17,10 @@ import uuid
 
 from .. import codec
 from .. import format as fmt
-from ..dcp.writer import tensor_bytes
 from ..format import Chunk, FileEntry, Manifest, ObjectEntry, StoredItem, TensorEntry
 from ..format.keys import KeyMap
 from ..io.commit import Commit
-from ..io.data_writer import DataFileWriter
+from ..io.data_writer import DataFileWriter, tensor_bytes
 from .sources import (
     DEFAULT_SLAB_BYTES,
     Entry,
