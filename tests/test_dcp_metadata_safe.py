@@ -22,8 +22,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
 
+from shardckpt.dcp.allowlist import ALLOWED_GLOBALS
 from shardckpt.dcp.stock import read_dcp_metadata
-from shardckpt.dcp.unpickler import ALLOWED_GLOBALS
 from shardckpt.errors import CorruptCheckpointError, UnsafeObjectError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",

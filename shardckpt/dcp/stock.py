@@ -28,16 +28,16 @@ from ..errors import (
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
-from .unpickler import (
+from .allowlist import (
     DCP_FS,
     MAX_DEPTH,
     METADATA_FILE,
-    RestrictedUnpickler,
     allow_list,
     is_int,
     short_repr,
     unsafe_error,
 )
+from .unpickler import RestrictedUnpickler
 
 __all__ = ["read_dcp_metadata", "SafeFileSystemReader"]
 

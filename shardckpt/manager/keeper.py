@@ -15,6 +15,8 @@ import uuid
 import warnings
 from typing import Any
 
+import torch
+
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -40,6 +42,20 @@ from .retention import Policy, metric_value
 # does not match (keys, shapes) is the caller's bug and is raised, never skipped.
 FALLBACK_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, NotACheckpointError,
                    CheckpointNotFoundError, UnsupportedFormatError)
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes the tensors of a DCP state occupy (global size for DTensors)."""
+    if hasattr(tree, "state_dict") and callable(tree.state_dict) and not isinstance(tree, dict):
+        tree = tree.state_dict()
+    if isinstance(tree, dict):
+        return sum(state_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(state_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        # A DTensor's numel() is the global one: the checkpoint stores it once.
+        return tree.numel() * tree.element_size()
+    return 0
 
 
 class RootKeeper:

@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import torch
-
 from ..api import as_state, load_open
 from ..api import save as _save
 from ..errors import (
@@ -44,7 +42,7 @@ from .catalog import (
     list_checkpoints,
 )
 from .control import Control, is_enospc
-from .keeper import FALLBACK_ERRORS, RootKeeper
+from .keeper import FALLBACK_ERRORS, RootKeeper, state_bytes
 from .leases import Leases
 from .names import (
     BEST_POINTER,
@@ -57,20 +55,6 @@ from .preemption import PreemptionHandler
 from .retention import jsonable_metrics, policy_for
 
 __all__ = ["CheckpointManager"]
-
-def _state_bytes(tree: Any) -> int:
-    """Bytes the tensors of a DCP state occupy (global size for DTensors)."""
-    if hasattr(tree, "state_dict") and callable(tree.state_dict) and not isinstance(tree, dict):
-        tree = tree.state_dict()
-    if isinstance(tree, dict):
-        return sum(_state_bytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(_state_bytes(v) for v in tree)
-    if isinstance(tree, torch.Tensor):
-        # A DTensor's numel() is the global one: the checkpoint stores it once.
-        return tree.numel() * tree.element_size()
-    return 0
-
 
 class CheckpointManager:
     """Step checkpoints under `root` with retention, pointers and preemption handling.
@@ -246,7 +230,7 @@ class CheckpointManager:
         if self._keeper.state_estimate is None:
             # Once per manager and on every rank: a Stateful's state_dict() may itself
             # be a collective (FSDP). Only used when no earlier checkpoint exists.
-            self._keeper.state_estimate = _state_bytes(state)
+            self._keeper.state_estimate = state_bytes(state)
         self._ctrl.decide(lambda: self._keeper.prepare_write(step, metrics))
         path = self._path(step_dir_name(step))
         meta = {"step": step, "metrics": metrics, "manager": {"reason": reason}}
