@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from . import codec
 from . import format as fmt
 from .dcp import SafeLoadPlanner, SafeSavePlanner, ShardReader, ShardWriter
-from .dcp.join import join
+from .dcp.join import agree, join
 from .dcp.planner import key_hint
 from .errors import LoadFailedError, MissingKeysError, SaveFailedError, ShardckptError
 from .format.keys import key_mapper, model_key_map
@@ -195,14 +195,31 @@ def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     join(process_group, what="load", path=os.fspath(path), timeout=timeout)
     if threads is None:
         threads = codec.blocking_threads()  # the caller waits for the load: use every CPU
-    # Opened once, with typed errors before any collective starts.
-    ckpt = CheckpointReader(path, threads=threads, verify=verify,
+    # Opened once, with typed errors before any collective starts, on every rank.
+    ckpt = _open_everywhere(path, process_group, timeout, threads=threads, verify=verify,
                             key_map=key_mapper(strip_prefix, rename))
     try:
         return load_open(as_state(state), ckpt, process_group=process_group, strict=strict,
                          scope=_scope(include, exclude))
     finally:
         ckpt.close()
+
+
+def _open_everywhere(path: str | os.PathLike, process_group: Any, timeout: float | None,
+                     **kw: Any) -> CheckpointReader:
+    """Open the checkpoint on every rank; if any rank cannot, every rank raises."""
+    ckpt, err = None, None
+    try:
+        ckpt = CheckpointReader(path, **kw)
+    except (ShardckptError, OSError) as e:
+        err = e
+    try:
+        agree(process_group, what="load", path=os.fspath(path), error=err, timeout=timeout)
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        raise
+    return ckpt
 
 
 def load_model(model: Any, path: str | os.PathLike, *, strict: bool = True,
@@ -225,7 +242,7 @@ def load_model(model: Any, path: str | os.PathLike, *, strict: bool = True,
     if threads is None:
         threads = codec.blocking_threads()
     msd = get_model_state_dict(model)
-    ckpt = CheckpointReader(path, threads=threads)
+    ckpt = _open_everywhere(path, process_group, timeout, threads=threads)
     try:
         key_map, prefix, hits = model_key_map(msd, ckpt.stored_manifest.keys())
         if hits == 0:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..errors import CollectiveTimeoutError
+from ..errors import CollectiveTimeoutError, LoadFailedError
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SHARDCKPT_JOIN_TIMEOUT", "600"))
 
@@ -42,14 +42,41 @@ def _store(group: Any) -> Any:
         return c10d._get_default_store()
 
 
-def join(process_group: Any, *, what: str, path: str, timeout: float | None) -> None:
-    """Meet every rank of `process_group` (default: the world) for `what` on `path`."""
+def _group(process_group: Any) -> Any:
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return None
     group = process_group if process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
-    if world == 1:
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def agree(process_group: Any, *, what: str, path: str, error: BaseException | None,
+          timeout: float | None) -> None:
+    """After a step every rank does on its own (opening a checkpoint): raise on every rank
+    if it failed on any, so that no rank goes on into a collective the others skip."""
+    if _group(process_group) is None:
+        if error is not None:
+            raise error
         return
+    status = "ok" if error is None else f"{type(error).__name__}: {error}"
+    others = join(process_group, what=f"{what}:opened", path=path, timeout=timeout,
+                  value=status, compare=False)
+    if error is not None:
+        raise error
+    failed = {r: v for r, v in others.items() if v != "ok"}
+    if failed:
+        r, v = next(iter(failed.items()))
+        raise LoadFailedError(f"{path}: rank {r} could not open the checkpoint ({v}); every "
+                              f"rank must see the same checkpoint (a shared filesystem).")
+
+
+def join(process_group: Any, *, what: str, path: str, timeout: float | None,
+         value: str | None = None, compare: bool = True) -> dict[int, str]:
+    """Meet every rank of `process_group` (default: the world) for `what` on `path`;
+    returns what the other ranks posted."""
+    group = _group(process_group)
+    if group is None:
+        return {}
+    world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     ranks = tuple(dist.get_process_group_ranks(group))
     timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
@@ -59,7 +86,7 @@ def join(process_group: Any, *, what: str, path: str, timeout: float | None) -> 
     tag = hashlib.sha1(name.encode()).hexdigest()[:12]
     base = f"shardckpt/join/{tag}/{seq}"
     store = _store(group)
-    me = f"{what} {os.path.abspath(path)}"
+    me = value if value is not None else f"{what} {os.path.abspath(path)}"
     store.set(f"{base}/r{rank}", me)
     if store.add(f"{base}/n", 1) == world:
         store.set(f"{base}/done", "1")
@@ -73,7 +100,7 @@ def join(process_group: Any, *, what: str, path: str, timeout: float | None) -> 
             f"shardckpt.{what}(...) together (not only rank 0, as with torch.save); raise "
             f"timeout= if some ranks are legitimately slower.") from e
     others = {r: store.get(f"{base}/r{r}").decode() for r in range(world) if r != rank}
-    odd = {r: v for r, v in others.items() if v != me}
+    odd = {r: v for r, v in others.items() if v != me} if compare else {}
     if odd:
         r, v = next(iter(odd.items()))
         raise CollectiveTimeoutError(
@@ -87,3 +114,4 @@ def join(process_group: Any, *, what: str, path: str, timeout: float | None) -> 
                 store.delete_key(k)
             except (RuntimeError, dist.DistError):
                 break
+    return others

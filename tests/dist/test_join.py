@@ -39,3 +39,12 @@ def test_rounds_stay_aligned_after_collective_saves(tmp_path):
     for i in range(2):
         assert shardckpt.verify(str(tmp_path / f"ok{i}")).ok
 
+
+
+def test_a_rank_that_cannot_open_fails_every_rank_at_once(tmp_path):
+    path = tmp_path / "ck"
+    shardckpt.save({"w": torch.ones(3)}, str(path))
+    r0, r1 = run_world(2, H.one_rank_cannot_open, str(path), timeout=120)
+    assert r1["result"] == "CheckpointNotFoundError", r1
+    assert r0["result"] == "LoadFailedError" and "rank 1 could not open" in r0["message"], r0
+    assert r0["seconds"] < 20

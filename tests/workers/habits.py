@@ -55,3 +55,20 @@ def everyone_then_rank0(rank: int, world: int, root: str) -> dict[str, Any]:
         return {"rank": rank, "result": "returned"}
     except shardckpt.CollectiveTimeoutError as e:
         return {"rank": rank, "result": "timeout", "message": str(e)}
+
+
+def one_rank_cannot_open(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Rank 1 behaves as a node that does not see the checkpoint (node-local disks)."""
+    import shardckpt.api as api
+
+    if rank == 1:
+        def missing(p: Any, **kw: Any) -> Any:
+            raise shardckpt.CheckpointNotFoundError(f"{p}: no such checkpoint. Check the path.")
+        api.CheckpointReader = missing  # type: ignore[assignment]
+    t0 = time.monotonic()
+    try:
+        shardckpt.load({"w": torch.zeros(3)}, path, timeout=30)
+        return {"rank": rank, "result": "returned"}
+    except shardckpt.ShardckptError as e:
+        return {"rank": rank, "result": type(e).__name__, "message": str(e),
+                "seconds": time.monotonic() - t0}
