@@ -121,14 +121,24 @@ def test_to_bytes_round_trips(saved):
     assert json.loads(m.to_bytes()) == saved[1]
 
 
+def _placed(d, chunks):
+    """Give synthetic chunks their own bytes past the file's real items (items of one
+    file may not share bytes), growing the recorded file size to hold them."""
+    for c in chunks:
+        c["offset"] = d["files"][FILE]["size"]
+        d["files"][FILE]["size"] += c["length"]
+    return chunks
+
+
 def test_valid_multi_chunk_tilings_are_accepted(d):
-    _with_tensor(d, [_raw_chunk([2, 0], [2, 4]), _raw_chunk([0, 0], [2, 4])])
-    d["tensors"]["g"] = {"dtype": "int8", "shape": [4, 4], "chunks": [   # requires_grad absent
+    _with_tensor(d, _placed(d, [_raw_chunk([2, 0], [2, 4]), _raw_chunk([0, 0], [2, 4])]))
+    d["tensors"]["g"] = {"dtype": "int8", "shape": [4, 4], "chunks": _placed(d, [  # no requires_grad
         _raw_chunk([0, 0], [4, 1]), _raw_chunk([0, 1], [1, 3]), _raw_chunk([1, 1], [1, 3]),
-        _raw_chunk([2, 1], [2, 3])]}
+        _raw_chunk([2, 1], [2, 3])])}
     d["tensors"]["e"] = {"dtype": "int8", "shape": [0, 4], "requires_grad": True, "chunks": []}
-    d["tensors"]["z"] = {"dtype": "int8", "shape": [2, 2], "requires_grad": False, "chunks": [
-        _raw_chunk([0, 0], [2, 2]), _raw_chunk([1, 0], [0, 2])]}  # an empty piece is harmless
+    d["tensors"]["z"] = {"dtype": "int8", "shape": [2, 2], "requires_grad": False,
+                         "chunks": _placed(d, [_raw_chunk([0, 0], [2, 2]),
+                                               _raw_chunk([1, 0], [0, 2])])}  # empty: harmless
     m = Manifest.from_json(d)
     assert [c.offsets for c in m.tensors["t"].chunks] == [(2, 0), (0, 0)]
     assert m.tensors["g"].requires_grad is False and len(m.tensors["g"].chunks) == 4
@@ -136,8 +146,8 @@ def test_valid_multi_chunk_tilings_are_accepted(d):
 
 
 def test_item_may_end_exactly_at_the_end_of_its_file(d):
-    size = d["files"][FILE]["size"]
-    d["tensors"]["b"]["chunks"][0]["offset"] = size - d["tensors"]["b"]["chunks"][0]["length"]
+    # moved past every other item, to end exactly where the (grown) file ends
+    _placed(d, [d["tensors"]["b"]["chunks"][0]])
     Manifest.from_json(d)
 
 
