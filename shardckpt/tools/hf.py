@@ -72,19 +72,26 @@ def model_prefix(keys: Iterable[str], prefer: Iterable[str] = ()) -> str:
     or "" when the keys are the model's own (a plain model state).
 
     A `<P>.model.` subtree is the model section when `<P>` also holds TrainState /
-    training sections (optim, progress, meta, ``__rank<N>__``, ...). Several such
+    training sections (optim, progress, meta, ``__rank<N>__``, ...), or when it is
+    the only thing at the root (``shardckpt.save(model)``). Several such
     sections (two TrainStates) are ambiguous unless one is in `prefer` (the
     caller's strip_prefix).
     """
-    children: dict[str, set[str]] = {}
+    children: dict[str, set[str]] = {}  # prefix -> its components (subtrees and leaves)
+    inner: set[str] = set()  # prefixes that have keys below them
     for k in keys:
         parts = k.split(".")
-        for i in range(len(parts) - 1):
+        for i in range(len(parts)):
             p = ".".join(parts[:i])
             children.setdefault(p + "." if p else "", set()).add(parts[i])
+            if i:
+                inner.add(p + ".")
     found = sorted(p + "model." for p, ch in children.items()
-                   if "model" in ch and (ch & _SECTION_MARKERS
-                                         or any(is_rank_component(c) is not None for c in ch)))
+                   if p + "model." in inner and (ch & _SECTION_MARKERS
+                                         or any(is_rank_component(c) is not None for c in ch)
+                                         # shardckpt.save(module) keys it "model": alone
+                                         # at the root, "model." is that key
+                                         or (p == "" and ch == {"model"})))
     if len(found) > 1:
         wanted = {p if p.endswith(".") else p + "." for p in prefer}
         chosen = [p for p in found if p in wanted]
