@@ -1,10 +1,18 @@
-"""A minimal streaming reader/writer for the safetensors format (no dependency).
+"""A streaming writer (and a pread reader) for the safetensors format.
+
+Reading for conversion goes through the `safetensors` library (see
+`sources.SafetensorsSource`). Writing cannot: `safetensors.torch.save_file`
+takes a dict of tensors and so needs every tensor in memory at once, while an
+export must stream a checkpoint larger than RAM under a memory cap. The writer
+here emits the header (every shape is known up front) and then each tensor's
+bytes slab by slab; every file it writes is validated with `safe_open` in the
+tests. `SafetensorsFile` reads with pread, never mmap, for callers that must not
+map a whole file into their address space.
 
 Format: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``
 (padded with spaces to a multiple of 8), then the tensors' raw little-endian bytes,
-back to back in the order of their offsets. Reading uses pread, never mmap, so a
-file larger than the address-space limit can still be read tensor by tensor.
+back to back in the order of their offsets.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from ..errors import NotACheckpointError, UnsupportedFormatError
 
-_ST_DTYPES: dict[str, torch.dtype] = {
+ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
@@ -27,8 +35,8 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 for _st, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
                    ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _name):
-        _ST_DTYPES[_st] = getattr(torch, _name)
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+        ST_DTYPES[_st] = getattr(torch, _name)
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 # Guards against treating an arbitrary file as a header length of terabytes.
 _MAX_HEADER = 100 << 20
@@ -71,11 +79,11 @@ class SafetensorsFile:
         self.entries: dict[str, StEntry] = {}
         items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         for name, h in items:
-            if h["dtype"] not in _ST_DTYPES:
+            if h["dtype"] not in ST_DTYPES:
                 raise UnsupportedFormatError(f"{path}: tensor {name!r} has dtype {h['dtype']}, "
                                              f"which this reader does not support.")
             b, e = h["data_offsets"]
-            self.entries[name] = StEntry(name, _ST_DTYPES[h["dtype"]], tuple(h["shape"]),
+            self.entries[name] = StEntry(name, ST_DTYPES[h["dtype"]], tuple(h["shape"]),
                                          base + b, base + e)
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:

@@ -18,11 +18,11 @@ import torch
 
 from ..api import quiet_no_dist
 from ..dcp.metadata import planner_data_from_json
-from ..errors import NotACheckpointError, UnsupportedFormatError
+from ..errors import NotACheckpointError, UnsafeObjectError, UnsupportedFormatError
 from ..format import dtype_from_name
 from ..format.names import MANIFEST_NAME
 from ..io.reader import CheckpointReader, check_committed
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import ST_DTYPES
 
 # safetensors metadata keys under which non-tensor values and nesting travel.
 ST_OBJECTS = "shardckpt.objects"
@@ -145,19 +145,71 @@ def iter_slabs(src: Source, e: Entry, start: int, stop: int,
         yield src.read_rows(e.key, a, min(stop, a + step))
 
 
+def _numpy_data_globals() -> list:
+    """The numpy globals a pickled ndarray needs (e.g. `np.random.get_state()`).
+
+    They only rebuild an array from its dtype and raw bytes; an object-dtype
+    array's items still go through the restricted unpickler one by one, so
+    allowing these runs no code from the file.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    # numpy >= 1.25 pickles a dtype through its class (numpy.dtypes.UInt32DType):
+    # the numeric ones only, never object / string / structured dtypes.
+    numeric = {type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"}
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *sorted(numeric, key=str)]
+
+
+def load_torch_file(path: str, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
+    """`torch.load` of a file under weights_only rules (plus plain numpy arrays).
+
+    A file that needs more (a pickled class, a whole nn.Module) raises
+    `UnsafeObjectError` naming the globals it wants, unless `trust_pickle`, which
+    runs whatever the file says.
+    """
+    import pickle
+
+    if trust_pickle:
+        try:
+            return torch.load(path, mmap=mmap, weights_only=False, map_location="cpu")
+        except RuntimeError:
+            if not mmap:
+                raise
+            # Files of the legacy (pre-zip) serialization cannot be memory-mapped.
+            return torch.load(path, weights_only=False, map_location="cpu")
+    try:
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            try:
+                return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        try:
+            wanted = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - only for the message
+            wanted = ""
+        raise UnsafeObjectError(
+            f"{path}: loading needs unpickling of arbitrary objects"
+            f"{f' ({wanted})' if wanted else ''}, which can run code from the file. Pass "
+            f"--trust-pickle (trust_pickle=True) only for a file you trust, or re-save it "
+            f"with plain state_dicts. ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise NotACheckpointError(
+            f"{path}: cannot be read as a torch.save file under weights_only rules ({e}). "
+            f"Only plain tensors / containers are accepted.") from None
+
+
 class TorchSource(Source):
     """A torch.save file, memory-mapped and loaded under weights_only rules."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, trust_pickle: bool = False) -> None:
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
         self.path = path
-        try:
-            obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-        except Exception as e:
-            raise NotACheckpointError(
-                f"{path}: cannot be read as a torch.save file under weights_only rules ({e}). "
-                f"Only plain tensors / containers are accepted.") from None
+        obj = load_torch_file(path, trust_pickle=trust_pickle)
         if not isinstance(obj, dict):
             obj = {"value": obj}
         self.flat, mappings = flatten_state_dict(obj)
@@ -198,26 +250,59 @@ def _weight_map(index_path: str) -> dict[str, str]:
     return wm
 
 
+def _safe_open(path: str) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise NotACheckpointError(f"{path}: not a readable safetensors file ({e}).") from None
+
+
 class SafetensorsSource(Source):
-    """One .safetensors file, or a sharded set described by a *.index.json."""
+    """One .safetensors file, or a sharded set described by a *.index.json.
+
+    Read through the `safetensors` library (it validates the header: offsets in
+    bounds, contiguous, no overlap). Row ranges come from `get_slice`, a view
+    into the memory-mapped file: only the pages of the rows asked for are read,
+    so a file larger than RAM streams (it does need the file's size in address
+    space; `safetensors_io.SafetensorsFile` reads with pread where that matters).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.files: dict[str, SafetensorsFile] = {}
-        self.where: dict[str, SafetensorsFile] = {}
+        self.files: dict[str, Any] = {}
+        self.where: dict[str, Any] = {}
+        weight_map: dict[str, str] | None = None
         if path.endswith(".json"):
             base = os.path.dirname(path)
-            for name in sorted(set(_weight_map(path).values())):
-                self.files[name] = SafetensorsFile(os.path.join(base, name))
+            weight_map = _weight_map(path)
+            for name in sorted(set(weight_map.values())):
+                self.files[name] = _safe_open(os.path.join(base, name))
         else:
-            self.files[os.path.basename(path)] = SafetensorsFile(path)
+            self.files[os.path.basename(path)] = _safe_open(path)
         self.entries = {}
         meta: dict[str, str] = {}
-        for sf in self.files.values():
-            meta.update(sf.metadata)
-            for name, e in sf.entries.items():
-                self.entries[name] = Entry(name, "tensor", e.dtype, e.shape)
+        for fname, sf in self.files.items():
+            meta.update(sf.metadata() or {})
+            for name in sf.keys():
+                if name in self.where:
+                    raise NotACheckpointError(f"{path}: tensor {name!r} is stored in more than "
+                                              f"one file.")
+                sl = sf.get_slice(name)
+                st = sl.get_dtype()
+                if st not in ST_DTYPES:
+                    raise UnsupportedFormatError(f"{fname}: tensor {name!r} has dtype {st}, "
+                                                 f"which this reader does not support.")
+                self.entries[name] = Entry(name, "tensor", ST_DTYPES[st], tuple(sl.get_shape()))
                 self.where[name] = sf
+        if weight_map is not None:
+            # The index is what other readers (transformers) trust: it must agree
+            # with the files, or the two would load different models.
+            for k, fname in weight_map.items():
+                if self.where.get(k) is not self.files[fname]:
+                    raise NotACheckpointError(f"{path}: weight_map puts {k!r} in {fname}, "
+                                              f"which does not hold it.")
         self.objects: dict[str, Any] = json.loads(meta.get(ST_OBJECTS, "{}"))
         for k in self.objects:
             self.entries[k] = Entry(k, "object")
@@ -227,10 +312,18 @@ class SafetensorsSource(Source):
 
     def read_rows(self, key: str, start: int | None = None,
                   stop: int | None = None) -> torch.Tensor:
-        return self.where[key].read(key, start, stop)
+        sf = self.where[key]
+        if start is None or not self.entries[key].shape:
+            return sf.get_tensor(key)
+        return sf.get_slice(key)[start:stop]
 
     def read_object(self, key: str) -> Any:
         return self.objects[key]
+
+    def close(self) -> None:
+        # Dropping the handles unmaps the files (tensors already read keep their pages).
+        self.files.clear()
+        self.where.clear()
 
 
 class DCPSource(Source):
@@ -309,6 +402,27 @@ def detect(path: str) -> str:
     return "torch"
 
 
+def safetensors_entry(path: str) -> str:
+    """The file to open for a directory of safetensors: its index, or its one file.
+
+    Hugging Face's names win, in transformers' order (`model.safetensors`, then
+    `model.safetensors.index.json`), so a model directory that also holds other
+    safetensors (adapters, ...) opens the same weights `from_pretrained` would.
+    """
+    names = os.listdir(path)
+    for hf in ("model.safetensors", "model.safetensors.index.json"):
+        if hf in names:
+            return os.path.join(path, hf)
+    idx = [f for f in names if f.endswith(".safetensors.index.json")]
+    if len(idx) == 1:
+        return os.path.join(path, idx[0])
+    files = [f for f in names if f.endswith(".safetensors")]
+    if len(idx) > 1 or len(files) != 1:
+        raise NotACheckpointError(f"{path}: {len(files)} .safetensors files and {len(idx)} "
+                                  f"index json files; pass the file or the index.")
+    return os.path.join(path, files[0])
+
+
 def open_source(path: str | os.PathLike, kind: str | None = None, *,
                 trust_pickle: bool = False) -> Source:
     """Open any supported checkpoint for streaming reads.
@@ -324,16 +438,8 @@ def open_source(path: str | os.PathLike, kind: str | None = None, *,
         return DCPSource(path, trust_pickle=trust_pickle)
     if kind == "safetensors":
         if os.path.isdir(path):
-            names = os.listdir(path)
-            idx = [f for f in names if f.endswith(".safetensors.index.json")]
-            if idx:
-                return SafetensorsSource(os.path.join(path, idx[0]))
-            files = [f for f in names if f.endswith(".safetensors")]
-            if len(files) != 1:
-                raise NotACheckpointError(f"{path}: {len(files)} .safetensors files and no "
-                                          f"index json; pass the file or the index.")
-            return SafetensorsSource(os.path.join(path, files[0]))
+            return SafetensorsSource(safetensors_entry(path))
         return SafetensorsSource(path)
     if kind == "torch":
-        return TorchSource(path)
+        return TorchSource(path, trust_pickle=trust_pickle)
     raise UnsupportedFormatError(f"unknown source format {kind!r}")

@@ -57,7 +57,7 @@ class RestoreMismatchError(ShardckptError):
     """The check run after a restore gave a different value than at save time."""
 
 
-def _library_version() -> str:
+def library_version() -> str:
     try:
         return importlib.metadata.version("shardckpt")
     except importlib.metadata.PackageNotFoundError:
@@ -72,9 +72,13 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
-def _encode_python_rng() -> torch.Tensor:
-    version, internal, gauss = random.getstate()
-    hdr = _HDR.pack(version, gauss is not None, 0.0 if gauss is None else gauss)
+def encode_python_rng(state: Any = None) -> torch.Tensor:
+    """A `random.getstate()` (default: the current one) in TrainState's encoding:
+    a header (version, has_gauss, gauss) and the 625 Mersenne Twister words."""
+    version, internal, gauss = random.getstate() if state is None else state
+    if len(internal) != 625:
+        raise ValueError("not a Mersenne Twister state")
+    hdr = _HDR.pack(int(version), gauss is not None, 0.0 if gauss is None else float(gauss))
     return _bytes_tensor(hdr + np.asarray(internal, dtype="<u4").tobytes())
 
 
@@ -85,9 +89,11 @@ def _decode_python_rng(t: torch.Tensor) -> None:
     random.setstate((version, internal, gauss if has_gauss else None))
 
 
-def _encode_numpy_rng() -> torch.Tensor:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    assert name == "MT19937", name
+def encode_numpy_rng(state: Any = None) -> torch.Tensor:
+    """An `np.random.get_state()` (default: the current one) in TrainState's encoding."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state() if state is None else state
+    if name != "MT19937":
+        raise ValueError(f"bit generator {name!r}, not MT19937")
     hdr = _HDR.pack(int(pos), int(has_gauss), float(gauss))
     return _bytes_tensor(hdr + np.asarray(keys, dtype="<u4").tobytes())
 
@@ -101,8 +107,8 @@ def _decode_numpy_rng(t: torch.Tensor) -> None:
 
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
-        "python": _encode_python_rng(),
-        "numpy": _encode_numpy_rng(),
+        "python": encode_python_rng(),
+        "numpy": encode_numpy_rng(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -244,7 +250,7 @@ class TrainState:
         text, tensors = _split_extra(self.extra)
         sd["extra"] = {"json": text, "tensors": tensors}
         sd["meta"] = {
-            "shardckpt_version": _library_version(),
+            "shardckpt_version": library_version(),
             "torch_version": str(torch.__version__),
             "cuda_version": torch.version.cuda,
             "world_size": world,
