@@ -53,6 +53,20 @@ def trash_name(final_name: str, token: str) -> str:
     return f".{final_name}.old-{token}"
 
 
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]{6}")
+
+
+def temp_name(final_name: str, pid: int, token: str) -> str:
+    """The hidden name a small file is written under before its atomic rename."""
+    return f".{final_name}.tmp-{pid}-{token}"
+
+
+def parse_temp(name: str) -> tuple[str, int] | None:
+    """(final name, writer pid) for a temp file left by a killed write."""
+    m = _TEMP_RE.fullmatch(name)
+    return (m.group("name"), int(m.group("pid"))) if m else None
+
+
 def parse_leftover(name: str) -> tuple[str, Leftover] | None:
     """For a leftover of an uncommitted save or a replaced checkpoint: (final name, kind)."""
     m = _STAGING_RE.match(name)

@@ -37,7 +37,12 @@ def fsync_file(path: str) -> None:
 
 def write_file_durable(path: str, data: bytes) -> None:
     """Write via a temporary name, fsync, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    # Hidden, and named for its writer: a kill before the rename leaves a file that
+    # no listing mistakes for a checkpoint and that `gc` recognises.
+    from ..format.names import temp_name
+
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, temp_name(name, os.getpid(), uuid.uuid4().hex[:6]))
     try:
         with open(tmp, "wb") as f:
             f.write(data)

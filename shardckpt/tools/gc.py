@@ -10,14 +10,15 @@ its writer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..format.names import Leftover, parse_leftover, trash_name
+from ..format.names import Leftover, parse_leftover, parse_temp, trash_name
 from ..io.commit import staging_abandoned
-from ..io.fsutil import dir_size, remove_dir
+from ..io.fsutil import dir_size, pid_alive, remove_dir
 from ..manager.catalog import delete_checkpoint, list_checkpoints
 from ..manager.leases import Leases
 from ..manager.pointers import Pointers
@@ -117,7 +118,23 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
             continue
         what = ("uncommitted save of " if kind == Leftover.PARTIAL else "replaced copy of ") + name
         actions.append(GcAction(p, kind.value, what, dir_size(p)))
+    for e in sorted(os.listdir(root)):
+        t = parse_temp(e)
+        p = os.path.join(root, e)
+        if t is None or not os.path.isfile(p) or os.path.islink(p):
+            continue
+        try:
+            age = now - os.lstat(p).st_mtime
+        except OSError:
+            continue
+        if age >= older_than and pid_alive(t[1]) is False:
+            actions.append(GcAction(p, "temp", f"unfinished write of {t[0]}", os.lstat(p).st_size))
     for a in actions:
+        if not dry_run and a.kind == "temp":
+            with contextlib.suppress(OSError):
+                os.unlink(a.path)
+            report.removed.append(a)
+            continue
         if not dry_run:
             if a.kind == "checkpoint":
                 if not delete_checkpoint(root, os.path.basename(a.path)):
