@@ -173,3 +173,16 @@ def test_sigterm_without_a_step_boundary_ends_after_the_grace_time(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM and time.monotonic() - t0 < 20, (p.returncode, err)
     assert "no step boundary within 1 s" in err and "not ended" not in out
 
+
+
+def test_gc_removes_temp_files_of_dead_writers_only(tmp_path):
+    shardckpt.save({"w": torch.ones(2)}, tmp_path / "step_00000001")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".latest.json.tmp-{dead.pid}-abc123"
+    live = tmp_path / f".latest.json.tmp-{os.getpid()}-abc124"
+    stale.write_text("{}")
+    live.write_text("{}")
+    rep = gc(tmp_path, older_than=0)
+    assert not stale.exists() and live.exists()
+    assert [a.kind for a in rep.removed] == ["temp"]
