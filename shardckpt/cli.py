@@ -1,13 +1,15 @@
 """The `shardckpt` command line: thin argparse wrappers over library functions.
 
 Exit status: 0 success / clean, 1 a failed check or a failed operation,
-2 bad usage. Errors are one line: what is wrong and what to do.
+2 bad usage. Errors are one line on stderr (`shardckpt CMD: message`), never a
+traceback. Each command computes its whole result first and prints it last, so
+a closed stdout (`shardckpt diff A B | head -2`) does not change the status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import os
 import sys
 import time
@@ -15,177 +17,244 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+FORMATS = ("shardckpt", "dcp", "torch", "safetensors")
+
+Result = tuple[int, str]  # (exit status, what to print on stdout)
 
 
-class _Progress:
-    """Byte-count progress on stderr: tqdm when installed, else a one-line counter.
-
-    Off when stderr is not a terminal (logs, CI) or with --quiet.
-    """
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.total, self.desc, self.done = total, desc, 0
-        self._bar: Any = None
-        self._last = 0.0
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                                 unit_divisor=1024, file=sys.stderr, leave=False)
-            except ImportError:
-                pass
-
-    def __call__(self, n: int) -> None:
-        if not self.enabled:
-            return
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self._last > 0.2 or self.done >= self.total:
-            self._last = now
-            pct = 100 * self.done / self.total if self.total else 100
-            sys.stderr.write(f"\r{self.desc}: {self.done / 2**20:.0f} / "
-                             f"{self.total / 2**20:.0f} MiB ({pct:.0f}%)")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+class UsageError(Exception):
+    """A combination of flags that makes no sense: exit 2."""
 
 
-def _progress(args: argparse.Namespace, total: int, desc: str) -> _Progress:
-    return _Progress(total, desc, not args.quiet)
+def _out(args: argparse.Namespace, obj: Any, text: Callable[[], str]) -> str:
+    from .tools.report import to_json
+
+    if getattr(args, "json", False):
+        return to_json(obj)
+    return "" if getattr(args, "quiet", False) else text()
+
+
+def _bar(args: argparse.Namespace, total: int | None, desc: str) -> Any:
+    from .tools.report import Progress
+
+    return Progress(total, desc, enabled=not args.quiet)
 
 
 # ---------------------------------------------------------------- commands
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from .tools.inspect import format_inspect, inspect_checkpoint
+def cmd_ls(args: argparse.Namespace) -> Result:
+    from .tools.ls import ls
 
-    info = inspect_checkpoint(args.path)
-    if args.json:
-        print(json.dumps(info, indent=2, default=str))
-    else:
-        print(format_inspect(info, max_keys=args.max_keys))
-    return EXIT_OK
+    rep = ls(args.root)
+    return EXIT_OK, _out(args, rep, lambda: str(rep))
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> Result:
+    from .tools.inspect import format_inspect, inspect_path
+
+    info = inspect_path(args.path, source_format=args.from_format,
+                        trust_pickle=args.trust_pickle)
+    return EXIT_OK, _out(args, info, lambda: format_inspect(info, max_keys=args.max_keys))
+
+
+def cmd_verify(args: argparse.Namespace) -> Result:
+    from .tools.report import verify_text
     from .tools.verify import verify
 
-    report = verify(args.path, deep=args.deep, threads=args.threads, raise_on_error=False)
-    if args.json:
-        print(json.dumps({"path": report.path, "ok": report.ok, "files": report.files,
-                          "blocks": report.blocks, "bytes_checked": report.bytes_checked,
-                          "deep": report.deep,
-                          "problems": [vars(p) for p in report.problems]}, indent=2))
+    kwargs: dict[str, Any] = {}
+    if "on_progress" in inspect.signature(verify).parameters:  # a verify with a callback
+        from .io.reader import read_manifest
+
+        bar = _bar(args, sum(f.size for f in read_manifest(args.path).files.values()), "verify")
+        kwargs["on_progress"] = bar
     else:
-        print(report)
-        if not report.ok:
-            print("Load an earlier checkpoint; this one cannot be trusted.")
-    return EXIT_OK if report.ok else EXIT_FAIL
+        bar = _bar(args, None, "verify")  # indeterminate: verify reports no progress
+    with bar:
+        rep = verify(args.path, deep=args.deep, threads=args.threads, raise_on_error=False,
+                     **kwargs)
+
+    def text() -> str:
+        t = verify_text(rep)
+        return t if rep.ok else t + "\nLoad an earlier checkpoint; this one cannot be trusted."
+    return (EXIT_OK if rep.ok else EXIT_FAIL), _out(args, rep, text)
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from .tools.audit import audit, audit_dict
+def cmd_audit(args: argparse.Namespace) -> Result:
+    from .tools.audit import audit
 
     rep = audit(args.path, prefix=args.prefix)
-    print(json.dumps(audit_dict(rep), indent=2) if args.json else rep)
-    return EXIT_OK if rep.ok else EXIT_FAIL
+    return (EXIT_OK if rep.ok else EXIT_FAIL), _out(args, rep, lambda: str(rep))
 
 
-def cmd_diff(args: argparse.Namespace) -> int:
+def cmd_diff(args: argparse.Namespace) -> Result:
     from .tools.diff import check_model, diff_checkpoints, is_model_target
 
     if is_model_target(args.b):
+        if args.strip_prefix or args.rename:
+            raise UsageError("--strip-prefix / --rename compare two checkpoints; with "
+                             "module:function use --prefix")
         rep: Any = check_model(args.a, args.b, prefix=args.prefix, trust_pickle=args.trust_pickle)
-        print(rep)
-        return EXIT_OK if rep.ok else EXIT_FAIL
-    from .tools.sources import open_source
+        return (EXIT_OK if rep.ok else EXIT_FAIL), _out(args, rep, lambda: str(rep))
+    total = None
+    if not args.keys_only and not args.quiet and sys.stderr.isatty():
+        from .tools.sources import open_source
 
-    with open_source(args.a, trust_pickle=args.trust_pickle) as s:
-        total = sum(e.nbytes for e in s.entries.values())
-    bar = _progress(args, total, "diff")
-    try:
+        with open_source(args.a, trust_pickle=args.trust_pickle) as s:
+            total = sum(e.nbytes for e in s.entries.values())
+    with _bar(args, total, "diff") as bar:
         rep = diff_checkpoints(args.a, args.b, values=not args.keys_only, on_progress=bar,
-                               trust_pickle=args.trust_pickle)
-    finally:
-        bar.close()
-    print(rep)
-    return EXIT_OK if rep.same else EXIT_FAIL
+                               trust_pickle=args.trust_pickle,
+                               strip_prefix=args.strip_prefix or (), rename=args.rename or ())
+    return (EXIT_OK if rep.same else EXIT_FAIL), _out(args, rep, lambda: str(rep))
 
 
-def cmd_reshard(args: argparse.Namespace) -> int:
+def cmd_reshard(args: argparse.Namespace) -> Result:
+    from .tools.report import human_bytes, plural
     from .tools.reshard import reshard, total_bytes
     from .tools.sources import ShardSource
 
     with ShardSource(args.src) as s:
         total = total_bytes(s)
-    bar = _progress(args, total, "reshard")
     t0 = time.perf_counter()
-    try:
+    with _bar(args, total, "reshard") as bar:
         m = reshard(args.src, args.dst, args.world_size, compression=args.compression,
                     min_split_bytes=args.min_split_bytes, overwrite=args.overwrite,
                     on_progress=bar)
-    finally:
-        bar.close()
-    on_disk = sum(f.size for f in m.files.values())
-    if not args.quiet:
-        print(f"{args.dst}: {len(m.tensors)} tensors, {len(m.objects)} objects in "
-              f"{len(m.files)} files for world size {args.world_size}, "
-              f"{on_disk / 2**20:.1f} MiB on disk, {time.perf_counter() - t0:.1f}s")
-    return EXIT_OK
+    secs = time.perf_counter() - t0
+    r = {"src": args.src, "dst": args.dst, "world_size": args.world_size,
+         "tensors": len(m.tensors), "objects": len(m.objects), "files": len(m.files),
+         "bytes_on_disk": sum(f.size for f in m.files.values()), "seconds": secs}
+    return EXIT_OK, _out(args, r, lambda: (
+        f"{args.dst}: {plural(r['tensors'], 'tensor')}, {plural(r['objects'], 'object')} in "
+        f"{plural(r['files'], 'file')} for world size {args.world_size}, "
+        f"{human_bytes(r['bytes_on_disk'])} on disk, {secs:.1f}s"))
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .tools.convert import convert
+# Flags of issue 14's convert: passed only when set, so today's convert keeps working.
+_CONVERT_EXTRA = (("model_only", "--model-only"), ("include", "--include"),
+                  ("exclude", "--exclude"), ("dtype", "--dtype"),
+                  ("max_shard_size", "--max-shard-size"), ("train_state", "--train-state"))
+
+
+def convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `tools.convert.convert` for these flags (only those set)."""
+    kw: dict[str, Any] = dict(
+        source_format=args.from_format, strip_prefix=tuple(args.strip_prefix or ()),
+        rename=tuple(args.rename or ()), world_size=args.world_size,
+        compression=args.compression, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
+    for name, _flag in _CONVERT_EXTRA:
+        v = getattr(args, name)
+        if v not in (None, False, [], ()):
+            kw[name] = tuple(v) if isinstance(v, list) else v
+    return kw
+
+
+def cmd_convert(args: argparse.Namespace) -> Result:
+    from .tools import convert as conv
+    from .tools.report import human_bytes, plural, refuse_special
     from .tools.sources import open_source
 
-    with open_source(args.src, args.from_format, trust_pickle=args.trust_pickle) as s:
-        total = sum(e.nbytes for e in s.entries.values())
-    bar = _progress(args, total, f"convert to {args.to}")
+    kw = convert_kwargs(args)
+    params = inspect.signature(conv.convert).parameters
+    lacking = [flag for name, flag in _CONVERT_EXTRA if name in kw and name not in params]
+    if lacking:
+        raise ValueError(f"{', '.join(lacking)}: not supported by this shardckpt's convert "
+                         f"(needs the convert of issue 14)")
+    refuse_special(args.src)
+    total = None
+    if not args.quiet and sys.stderr.isatty():
+        with open_source(args.src, args.from_format, trust_pickle=args.trust_pickle) as s:
+            total = sum(e.nbytes for e in s.entries.values())
     t0 = time.perf_counter()
-    try:
-        r = convert(args.src, args.dst, args.to, source_format=args.from_format,
-                    strip_prefix=args.strip_prefix or (), rename=args.rename or (),
-                    world_size=args.world_size, compression=args.compression,
-                    overwrite=args.overwrite, on_progress=bar, trust_pickle=args.trust_pickle)
-    finally:
-        bar.close()
-    if not args.quiet:
-        print(f"{args.src} ({r['source_format']}) -> {args.dst} ({args.to}): {r['tensors']} "
-              f"tensors, {r['objects']} objects, {r['bytes'] / 2**20:.1f} MiB, "
-              f"{time.perf_counter() - t0:.1f}s")
-        for k in r["skipped"]:
-            print(f"skipped object {k!r}: safetensors stores only tensors and JSON values",
-                  file=sys.stderr)
-    return EXIT_OK
+    with _bar(args, total, f"convert to {args.to}") as bar:
+        r = conv.convert(args.src, args.dst, args.to, on_progress=bar, **kw)
+    r = dict(r.to_dict() if hasattr(r, "to_dict") else r)
+    r.update(src=args.src, dst=args.dst, seconds=time.perf_counter() - t0)
+    if not args.json and not args.quiet:
+        for k in r.get("skipped", ()):
+            print(f"shardckpt convert: skipped object {k!r}: safetensors stores only tensors "
+                  f"and JSON values", file=sys.stderr)
+    return EXIT_OK, _out(args, r, lambda: (
+        f"{args.src} ({r.get('source_format')}) -> {args.dst} ({args.to}): "
+        f"{plural(r.get('tensors', 0), 'tensor')}, {plural(r.get('objects', 0), 'object')}, "
+        f"{human_bytes(r.get('bytes', 0))}, {r['seconds']:.1f}s"))
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
-    from .tools.gc import gc, parse_age
+def cmd_migrate(args: argparse.Namespace) -> Result:
+    from .tools.migrate import migrate
 
-    rep = gc(args.root, keep_last=args.keep_last, older_than=parse_age(args.older_than),
+    rep = migrate(args.path, dry_run=args.dry_run)
+    return EXIT_OK, _out(args, rep, lambda: str(rep))
+
+
+def cmd_gc(args: argparse.Namespace) -> Result:
+    from .tools.gc import gc
+    from .tools.report import gc_text, gc_to_dict
+
+    rep = gc(args.root, keep_last=args.keep_last, older_than=args.older_than,
              dry_run=args.dry_run)
-    if not args.quiet:
-        print(rep)
-    return EXIT_OK
+    return EXIT_OK, _out(args, gc_to_dict(rep), lambda: gc_text(rep))
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> Result:
     from .tools.bench import format_bench, run_bench
 
-    r = run_bench(args.size_mb, directory=args.dir, threads=args.threads)
-    print(json.dumps(r, indent=2) if args.json else format_bench(r))
-    return EXIT_OK
+    with _bar(args, None, "bench"):
+        r = run_bench(args.size_mb, directory=args.dir, threads=args.threads)
+    return EXIT_OK, _out(args, r, lambda: format_bench(r))
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _checked(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = fn.__name__
+    return parse
+
+
+def _age(text: str) -> float:
+    from .tools.gc import parse_age
+
+    return parse_age(text)
+
+
+def _size(text: str) -> int:
+    from .tools.report import parse_size
+
+    return parse_size(text)
+
+
+def _rename(text: str) -> str:
+    from .format.keys import key_mapper
+
+    key_mapper(rename=[text])  # a bad regex or a missing '=' is a usage error
+    return text
 
 
 # ---------------------------------------------------------------- parser
@@ -193,16 +262,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line + the usage hint, exit 2
-        self.exit(EXIT_USAGE, f"shardckpt: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _sub(subs: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str,
-         example: str) -> argparse.ArgumentParser:
+def _sub(subs: Any, name: str, fn: Callable[[argparse.Namespace], Result], help: str,
+         example: str, *, progress: bool = True) -> argparse.ArgumentParser:
     p = subs.add_parser(name, help=help, description=help,
                         epilog=f"example:\n  {example}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(fn=fn)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no summary" if progress else "no summary")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (schema: docs/CLI.md)")
     return p
 
 
@@ -210,6 +282,14 @@ def _trust_pickle_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="read a stock DCP .metadata with full unpickling (it can run code: "
                         "only for checkpoints from a trusted source)")
+
+
+def _key_map_flags(p: argparse.ArgumentParser, side: str) -> None:
+    p.add_argument("--strip-prefix", action="append", metavar="PREFIX",
+                   help=f"remove PREFIX from {side} keys wherever it starts a key component "
+                        f"(repeatable), e.g. module. or _orig_mod.")
+    p.add_argument("--rename", action="append", metavar="REGEX=REPL", type=_checked(_rename),
+                   help=f"re.sub on {side} keys, after --strip-prefix (repeatable, in order)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,35 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs.required = True
 
-    p = _sub(subs, "inspect", cmd_inspect, "show what a checkpoint holds (manifest only)",
-             "shardckpt inspect ckpts/step_00001000 --json")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--max-keys", type=int, default=None, help="list at most this many keys")
+    p = _sub(subs, "ls", cmd_ls, "list the step checkpoints of a CheckpointManager root (size, "
+             "time, pointers, metrics, validity) and leftovers of interrupted saves",
+             "shardckpt ls ckpts/", progress=False)
+    p.add_argument("root", help="the manager's root directory (holding step_* checkpoints)")
+
+    p = _sub(subs, "inspect", cmd_inspect, "show what a checkpoint holds (shardckpt: manifest "
+             "only; also stock DCP, torch.save and safetensors)",
+             "shardckpt inspect ckpts/step_00001000 --max-keys 20", progress=False)
+    p.add_argument("path", help="a checkpoint: shardckpt or DCP directory, torch.save file, "
+                                ".safetensors file or index")
+    p.add_argument("--max-keys", type=_non_negative, default=None, metavar="N",
+                   help="list at most N keys (default: all)")
+    p.add_argument("--from", dest="from_format", default=None, choices=FORMATS,
+                   help="source format (default: detected)")
+    _trust_pickle_flag(p)
 
     p = _sub(subs, "verify", cmd_verify, "check every file and block checksum; exit 1 if damaged",
              "shardckpt verify ckpts/step_00001000 --deep")
-    p.add_argument("path")
+    p.add_argument("path", help="a shardckpt checkpoint directory")
     p.add_argument("--deep", action="store_true", help="also decode every block")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="codec threads (default: the codec's default)")
 
     p = _sub(subs, "audit", cmd_audit, "is the checkpoint complete enough to resume training "
              "exactly? exit 1 if something is missing",
-             "shardckpt audit ckpts/step_00001000 --prefix train.")
-    p.add_argument("path")
+             "shardckpt audit ckpts/step_00001000 --prefix train.", progress=False)
+    p.add_argument("path", help="a shardckpt checkpoint directory")
     p.add_argument("--prefix", default=None, help="key prefix of the training state "
                    "(default: detected, e.g. 'train.')")
-    p.add_argument("--json", action="store_true")
 
     p = _sub(subs, "diff", cmd_diff, "compare two checkpoints (keys, shapes, dtypes, values), or "
              "a checkpoint with a model given as module:function; exit 1 if they differ",
              "shardckpt diff ckpts/step_1000 ckpts/step_2000\n"
+             "  shardckpt diff ddp_ckpt fsdp_ckpt --strip-prefix module.\n"
              "  shardckpt diff ckpts/step_1000 mypkg.models:build_model --prefix train.model.")
-    p.add_argument("a")
-    p.add_argument("b", help="a checkpoint (any format convert reads) or module:function "
+    p.add_argument("a", help="side A: a checkpoint (any format convert reads)")
+    p.add_argument("b", help="side B: a checkpoint (any format convert reads) or module:function "
                              "returning an nn.Module or a state dict")
     p.add_argument("--keys-only", action="store_true", help="skip comparing values")
+    _key_map_flags(p, "side A's")
     _trust_pickle_flag(p)
     p.add_argument("--prefix", default=None,
                    help="with module:function: prefix of the model keys in the checkpoint "
@@ -259,14 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "reshard", cmd_reshard, "rewrite a checkpoint as one file per rank for a new "
              "world size (balanced contiguous row ranges; values bitwise identical; streamed)",
              "shardckpt reshard ckpts/step_1000 ckpts/step_1000_ws8 --world-size 8")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("src", help="the shardckpt checkpoint to read")
+    p.add_argument("dst", help="where to write the resharded checkpoint")
+    p.add_argument("--world-size", type=_positive, required=True, metavar="M",
+                   help="number of per-rank files to write")
     p.add_argument("--compression", choices=("zstd", "none"), default=None,
-                   help="default: the source's")
-    p.add_argument("--min-split-bytes", type=int, default=4096,
-                   help="tensors smaller than this go whole to one file")
-    p.add_argument("--overwrite", action="store_true")
+                   help="codec of the new checkpoint (default: the source's)")
+    p.add_argument("--min-split-bytes", type=_non_negative, default=4096, metavar="N",
+                   help="tensors smaller than N bytes go whole to one file (default 4096)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST checkpoint")
 
     p = _sub(subs, "convert", cmd_convert, "convert between shardckpt, stock DCP, torch.save and "
              "safetensors. Streams tensor by tensor, except --to torch, which needs the whole "
@@ -275,63 +367,94 @@ def build_parser() -> argparse.ArgumentParser:
              "--strip-prefix train.model.")
     p.add_argument("src", help="shardckpt dir, DCP dir (.metadata), torch.save file, "
                                ".safetensors file, or a *.safetensors.index.json")
-    p.add_argument("dst")
-    p.add_argument("--to", required=True, choices=("shardckpt", "dcp", "torch", "safetensors"))
-    p.add_argument("--from", dest="from_format", default=None,
-                   choices=("shardckpt", "dcp", "torch", "safetensors"),
+    p.add_argument("dst", help="the file or directory to write")
+    p.add_argument("--to", required=True, choices=FORMATS, help="target format")
+    p.add_argument("--from", dest="from_format", default=None, choices=FORMATS,
                    help="source format (default: detected)")
-    p.add_argument("--strip-prefix", action="append", metavar="PREFIX",
-                   help="remove PREFIX from keys (repeatable), e.g. module. or _orig_mod.")
-    p.add_argument("--rename", action="append", metavar="REGEX=REPL",
-                   help="re.sub on every key (repeatable, applied in order)")
-    p.add_argument("--world-size", type=int, default=1,
-                   help="--to shardckpt: number of per-rank files")
-    p.add_argument("--compression", choices=("zstd", "none"), default=None)
-    p.add_argument("--overwrite", action="store_true")
+    _key_map_flags(p, "the source's")
+    p.add_argument("--world-size", type=_positive, default=1, metavar="N",
+                   help="--to shardckpt: number of per-rank files (default 1)")
+    p.add_argument("--compression", choices=("zstd", "none"), default=None,
+                   help="--to shardckpt: codec (default: the source's, else zstd)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     _trust_pickle_flag(p)
+    p.add_argument("--model-only", action="store_true",
+                   help="only the model's weights (with issue 14's convert)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="only keys matching GLOB (repeatable; with issue 14's convert)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="leave out keys matching GLOB (repeatable; with issue 14's convert)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="cast floating-point tensors (with issue 14's convert)")
+    p.add_argument("--max-shard-size", type=_checked(_size), default=None, metavar="SIZE",
+                   help="split output files at SIZE, e.g. 5GB, 500MB, 2GiB "
+                        "(with issue 14's convert)")
+    p.add_argument("--train-state", action="store_true",
+                   help="write the TrainState layout (with issue 14's convert)")
+
+    p = _sub(subs, "migrate", cmd_migrate, "rewrite an older checkpoint's manifest in the current "
+             "format version, in place and atomically (data files untouched)",
+             "shardckpt migrate ckpts/step_00001000 --dry-run", progress=False)
+    p.add_argument("path", help="a shardckpt checkpoint directory")
+    p.add_argument("--dry-run", action="store_true", help="only say what would change")
 
     p = _sub(subs, "gc", cmd_gc, "retention for a directory of step checkpoints, and removal of "
              "leftovers of interrupted saves; never removes what latest/best name",
-             "shardckpt gc ckpts/ --keep-last 3 --older-than 1h --dry-run")
-    p.add_argument("root")
-    p.add_argument("--keep-last", type=int, default=None,
+             "shardckpt gc ckpts/ --keep-last 3 --older-than 1h --dry-run", progress=False)
+    p.add_argument("root", help="the manager's root directory (holding step_* checkpoints)")
+    p.add_argument("--keep-last", type=_positive, default=None, metavar="N",
                    help="keep the newest N step checkpoints (default: delete none)")
-    p.add_argument("--older-than", default="1h",
-                   help="only remove leftovers older than this (30s, 15m, 1h, 2d)")
+    p.add_argument("--older-than", type=_checked(_age), default=3600.0, metavar="AGE",
+                   help="only remove leftovers older than AGE: 30s, 15m, 1h, 2d (default 1h)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed")
 
     p = _sub(subs, "bench", cmd_bench, "quick save/load/codec benchmark; shows the codec path "
              "(native or python)", "shardckpt bench --size-mb 128 --dir /mnt/nvme")
-    p.add_argument("--size-mb", type=int, default=64)
-    p.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--size-mb", type=_positive, default=64, metavar="MB",
+                   help="MiB of data to save and load (default 64)")
+    p.add_argument("--dir", default=None, help="an existing directory to write into "
+                                               "(default: the temp dir)")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="codec threads (default: the codec's default)")
     return parser
 
 
+def _silence_stdout() -> None:
+    """stdout is a closed pipe: send what is left (and the flush at exit) to /dev/null."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import ShardckptError
+    from .tools.report import error_message
 
     args = build_parser().parse_args(argv)
+    cmd = f"shardckpt {args.command}"
     try:
-        return args.fn(args)
-    except ShardckptError as e:
-        # Typed errors already say what is wrong and what to do; keep it to one line
-        # per problem (verify lists several).
-        print(f"shardckpt {args.command}: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except (ValueError, TypeError) as e:  # bad arguments (world size, --rename, target)
-        print(f"shardckpt {args.command}: {e}", file=sys.stderr)
+        status, text = args.fn(args)
+    except UsageError as e:
+        print(f"{cmd}: error: {e} (see `{cmd} --help`)", file=sys.stderr)
         return EXIT_USAGE
-    except (FileExistsError, FileNotFoundError) as e:
-        print(f"shardckpt {args.command}: {e}", file=sys.stderr)
-        return EXIT_FAIL
     except KeyboardInterrupt:
-        print(f"shardckpt {args.command}: interrupted; nothing partial was published",
-              file=sys.stderr)
+        print(f"{cmd}: interrupted; nothing partial was published", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `shardckpt inspect X | head`
-        os._exit(EXIT_OK)
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+        try:
+            print(f"{cmd}: {error_message(e)}", file=sys.stderr)
+        except BrokenPipeError:
+            pass
+        return EXIT_FAIL
+    try:
+        if text:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `shardckpt diff A B | head -2`: the status is already known
+        _silence_stdout()
+    return status
 
 
 if __name__ == "__main__":
