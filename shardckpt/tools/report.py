@@ -163,14 +163,17 @@ class Progress:
             return
         from tqdm import tqdm
 
+        width, height = _stderr_size()
         if total is None:
-            self._bar = tqdm(total=None, desc=desc, file=sys.stderr, leave=False,
+            self._bar = tqdm(total=None, desc=desc, file=sys.stderr, leave=False, ncols=width,
+                             nrows=height,
                              bar_format="{desc}: {elapsed} elapsed", mininterval=0.2)
             self._ticker = threading.Thread(target=self._tick, daemon=True)
             self._ticker.start()
         else:
             self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                             unit_divisor=1024, file=sys.stderr, leave=False, mininterval=0.2)
+                             unit_divisor=1024, file=sys.stderr, leave=False, mininterval=0.2,
+                             ncols=width, nrows=height)
 
     def _tick(self) -> None:
         while not self._stop.wait(0.25):
@@ -193,6 +196,16 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _stderr_size() -> tuple[int, int]:
+    """The terminal's columns and lines (80 x 24 where it reports none: a fresh pty says
+    0 x 0, and tqdm would then draw nothing)."""
+    try:
+        cols, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        cols = lines = 0
+    return (cols if cols > 0 else 80), (lines if lines > 0 else 24)
 
 
 def _stderr_is_tty() -> bool:
