@@ -203,7 +203,7 @@ def test_gc(tmp_path: Path) -> None:
     fresh = root / ".step_00000006.partial-0123456789ac"
     fresh.mkdir()
     out = cli("gc", root, "--keep-last", 2, "--older-than", "1h", "--dry-run").stdout
-    assert "would remove 2 item(s)" in out
+    assert "would remove 2 items" in out
     assert "step_00000002" in out and stale.name in out
     assert "kept step_00000001" in out and f"kept {fresh.name}" in out
     assert (root / "step_00000002").exists() and stale.exists()  # dry run

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..format.keys import is_rank_component
 from ..io.reader import CheckpointReader
+from .report import plural
 
 _SECTIONS = ("model", "optim", "optimizer", "scheduler", "scaler", "progress", "data")
 
@@ -40,6 +41,10 @@ class AuditReport:
     @property
     def ok(self) -> bool:
         return not any(f.severity == "missing" for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "prefix": self.prefix, "ok": self.ok,
+                "present": list(self.present), "findings": [vars(f) for f in self.findings]}
 
     def __str__(self) -> str:
         head = (f"{self.path}: {'resumable' if self.ok else 'NOT fully resumable'}"
@@ -92,7 +97,7 @@ def _audit(reader: CheckpointReader, prefix: str | None) -> AuditReport:
 
     model = sections.get("model", [])
     if model:
-        rep.present.append(f"model: {len(model)} tensors")
+        rep.present.append(f"model: {plural(len(model), 'tensor')}")
     else:
         missing("no model state", "the weights restart from their initialization")
 
@@ -116,16 +121,16 @@ def _audit(reader: CheckpointReader, prefix: str | None) -> AuditReport:
         if params and without and (with_state or expects_state):
             shown = ", ".join(without[:5]) + (f" and {len(without) - 5} more" if len(without) > 5
                                               else "")
-            missing(f"optimizer state missing for {len(without)} of {len(params)} parameters "
+            missing(f"optimizer state missing for {len(without)} of {plural(len(params), 'parameter')} "
                     f"({shown})",
                     "their momentum / Adam moments restart from zero"
                     + ("" if with_state else " (was the optimizer stepped before saving?)"))
         else:
-            rep.present.append(f"optimizer: state for {len(with_state)} parameters")
+            rep.present.append(f"optimizer: state for {plural(len(with_state), 'parameter')}")
         model_set = set(model)
         stray = [p for p in params if model and p not in model_set]
         if stray:
-            missing(f"optimizer names {len(stray)} parameters the model lacks ({stray[0]}, ...)",
+            missing(f"optimizer names {plural(len(stray), 'parameter')} the model lacks ({stray[0]}, ...)",
                     "the optimizer state will not load into this model")
 
     if sections.get("scheduler"):
@@ -163,7 +168,7 @@ def _audit(reader: CheckpointReader, prefix: str | None) -> AuditReport:
             missing(f"no RNG state for rank(s) {lost} of {world}",
                     "those ranks reseed: their random streams differ from an uninterrupted run")
         else:
-            rep.present.append(f"RNG for all {world} ranks")
+            rep.present.append("RNG for the 1 rank" if world == 1 else f"RNG for all {world} ranks")
 
     if sections.get("data"):
         rep.present.append("data position")
@@ -185,5 +190,5 @@ def _audit(reader: CheckpointReader, prefix: str | None) -> AuditReport:
 
 
 def audit_dict(rep: AuditReport) -> dict[str, Any]:
-    return {"path": rep.path, "prefix": rep.prefix, "ok": rep.ok, "present": rep.present,
-            "findings": [vars(f) for f in rep.findings]}
+    """`rep.to_dict()` (kept for callers of the older name)."""
+    return rep.to_dict()

@@ -31,6 +31,19 @@ def run_bench(size_mb: int = 64, *, directory: str | None = None, repeat: int = 
     """Save, load and codec throughput in MB/s (best of `repeat`), plus the codec path."""
     from ..api import load, save
 
+    if size_mb < 1:
+        raise ValueError(f"size_mb must be at least 1, not {size_mb}")
+    if directory is not None:
+        # Before the codec part runs for seconds: say at once what is wrong with the place.
+        if not os.path.exists(directory):
+            raise FileNotFoundError(f"{directory}: no such directory; --dir must name an "
+                                    f"existing directory to write the benchmark into")
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(f"{directory}: not a directory; --dir must name an "
+                                     f"existing directory to write the benchmark into")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"{directory}: not writable; --dir must name a directory "
+                                  f"this user can write into")
     state = _state(size_mb)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     cfg = codec.CodecConfig()
@@ -79,7 +92,7 @@ def format_bench(r: dict[str, Any]) -> str:
     note = "" if path == "native" else (" (native extension not built)" if not
                                         r["native_available"] else " (forced by SHARDCKPT_CODEC)")
     return "\n".join([
-        f"codec path   {path}{note}, {r['threads']} threads",
+        f"codec path   {path}{note}, {r['threads']} thread{'s' if r['threads'] != 1 else ''}",
         f"data         {r['size_mb']:.0f} MiB of float32 + bfloat16 weights",
         f"codec        encode {r['encode_MBps']:.0f} MB/s, decode {r['decode_MBps']:.0f} MB/s, "
         f"ratio {r['codec_ratio_f32']:.2f}x (float32)",

@@ -3,6 +3,11 @@
 Tensors are compared slab by slab (rows along dim 0), so two checkpoints larger
 than RAM can be diffed. "Equal" is bitwise: NaNs with the same bits are equal,
 +0.0 and -0.0 are not.
+
+`strip_prefix` / `rename` (the one key mapper, `format.keys.key_mapper`) apply
+to side A's keys only; the report names keys as they are after mapping (B's
+namespace). When the key sets differ and a prefix would explain it, the report
+carries a hint (`format.keys.prefix_hint`).
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ import importlib
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .sources import DEFAULT_SLAB_BYTES, Progress, Source, iter_slabs, open_source
+from ..format.keys import key_mapper, map_keys, prefix_hint
+from .report import refuse_special
+from .sources import DEFAULT_SLAB_BYTES, Entry, Progress, Source, iter_slabs, open_source
 
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -39,14 +47,48 @@ class DiffReport:
     tensors: list[TensorDiff] = field(default_factory=list)
     objects_differ: list[str] = field(default_factory=list)
     values_compared: bool = True
+    strip_prefix: list[str] = field(default_factory=list)  # applied to A's keys
+    rename: list[str] = field(default_factory=list)  # applied to A's keys, after strip_prefix
+    # A prefix that would explain differing key sets: stripped from side `hint_side`'s keys
+    # it makes `hint_matches` of `hint_of` keys match (all of them: the keys differ only by it).
+    hint_prefix: str | None = None
+    hint_side: str | None = None  # "A" or "B"
+    hint_matches: int = 0
+    hint_of: int = 0
 
     @property
     def same(self) -> bool:
         return not (self.only_a or self.only_b or self.changed or self.objects_differ
                     or any(not t.equal for t in self.tensors))
 
+    @property
+    def hint(self) -> str | None:
+        """The prefix hint in command-line words, or None."""
+        if self.hint_prefix is None:
+            return None
+        p = self.hint_prefix
+        how = "only by" if self.hint_matches == self.hint_of else "by"
+        text = f"keys differ {how} the prefix {p!r}"
+        if self.hint_side == "A":
+            return f"{text}: try --strip-prefix {p}"
+        return f"{text} on B's side: swap A and B and try --strip-prefix {p}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": "checkpoints", "a": self.a, "b": self.b, "same": self.same,
+                "only_a": self.only_a, "only_b": self.only_b, "changed": self.changed,
+                "objects_differ": self.objects_differ, "values_compared": self.values_compared,
+                "tensors": [asdict(t) for t in self.tensors],
+                "tensors_equal": sum(t.equal for t in self.tensors),
+                "strip_prefix": self.strip_prefix, "rename": self.rename,
+                "hint": self.hint,
+                "hint_prefix": self.hint_prefix, "hint_side": self.hint_side}
+
     def __str__(self) -> str:
         lines = [f"A = {self.a}", f"B = {self.b}"]
+        if self.strip_prefix or self.rename:
+            opts = [f"--strip-prefix {p}" for p in self.strip_prefix]
+            opts += [f"--rename {r}" for r in self.rename]
+            lines.append(f"A's keys mapped by {' '.join(opts)}")
         lines += [f"only in A: {k}" for k in self.only_a]
         lines += [f"only in B: {k}" for k in self.only_b]
         lines += [f"changed:   {c}" for c in self.changed]
@@ -56,19 +98,21 @@ class DiffReport:
             lines.append(f"values differ: {t.key}: max |A-B| = {t.max_abs_diff:.6g}, "
                          f"{100 * t.frac_equal:.2f}% of elements equal")
         if self.values_compared:
-            lines.append(f"{len(self.tensors) - len(diff)} of {len(self.tensors)} common tensors "
-                         f"are bitwise equal")
+            n = len(self.tensors)
+            lines.append(f"{n - len(diff)} of {n} common tensor{'s' if n != 1 else ''} "
+                         f"{'is' if n == 1 else 'are'} bitwise equal")
+        if self.hint:
+            lines.append(f"hint: {self.hint}")
         lines.append("identical" if self.same else "DIFFERENT")
         return "\n".join(lines)
 
 
-def _compare_tensor(sa: Source, sb: Source, key: str, slab_bytes: int,
+def _compare_tensor(sa: Source, e: Entry, sb: Source, eb: Entry, key: str, slab_bytes: int,
                     on_progress: Progress) -> TensorDiff:
-    e = sa.entries[key]
     n = e.shape[0] if e.shape else 0
     total = equal = 0
     max_diff = 0.0
-    it_b = iter_slabs(sb, sb.entries[key], 0, n, slab_bytes)
+    it_b = iter_slabs(sb, eb, 0, n, slab_bytes)
     for ta in iter_slabs(sa, e, 0, n, slab_bytes):
         tb = next(it_b)
         fa, fb = ta.reshape(-1), tb.reshape(-1)
@@ -111,14 +155,28 @@ def _objects_equal(x: Any, y: Any) -> bool:
 
 def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = True,
                      slab_bytes: int = DEFAULT_SLAB_BYTES,
-                     on_progress: Progress = None, trust_pickle: bool = False) -> DiffReport:
-    """Keys, shapes, dtypes and (with `values`) bitwise values of two checkpoints (any format)."""
-    rep = DiffReport(a=os.fspath(a), b=os.fspath(b), values_compared=values)
-    with (open_source(os.fspath(a), trust_pickle=trust_pickle) as sa,
-          open_source(os.fspath(b), trust_pickle=trust_pickle) as sb):
-        ka, kb = sa.entries, sb.entries
+                     on_progress: Progress = None, trust_pickle: bool = False,
+                     strip_prefix: str | Sequence[str] = (),
+                     rename: Sequence[str] = ()) -> DiffReport:
+    """Keys, shapes, dtypes and (with `values`) bitwise values of two checkpoints (any format).
+
+    `strip_prefix` / `rename` map A's keys (the key mapper of `load` and `convert`)
+    before they are matched with B's.
+    """
+    strips = [strip_prefix] if isinstance(strip_prefix, str) else list(strip_prefix or ())
+    renames = list(rename or ())
+    key_map = key_mapper(strips, renames)  # bad rules raise before anything is opened
+    a, b = os.fspath(a), os.fspath(b)
+    refuse_special(a)
+    refuse_special(b)
+    rep = DiffReport(a=a, b=b, values_compared=values, strip_prefix=strips, rename=renames)
+    with (open_source(a, trust_pickle=trust_pickle) as sa,
+          open_source(b, trust_pickle=trust_pickle) as sb):
+        ka, kb = map_keys(sa.entries, key_map), sb.entries
         rep.only_a = sorted(set(ka) - set(kb))
         rep.only_b = sorted(set(kb) - set(ka))
+        if rep.only_a or rep.only_b:
+            _hint(rep, ka, kb)
         for k in sorted(set(ka) & set(kb)):
             ea, eb = ka[k], kb[k]
             if ea.kind != eb.kind:
@@ -129,10 +187,24 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, values: bool
             elif not values:
                 continue
             elif ea.kind == "tensor":
-                rep.tensors.append(_compare_tensor(sa, sb, k, slab_bytes, on_progress))
-            elif not _objects_equal(sa.read_object(k), sb.read_object(k)):
+                rep.tensors.append(_compare_tensor(sa, ea, sb, eb, k, slab_bytes, on_progress))
+            elif not _objects_equal(sa.read_object(ea.key), sb.read_object(k)):
                 rep.objects_differ.append(k)
     return rep
+
+
+def _hint(rep: DiffReport, ka: dict[str, Entry], kb: dict[str, Entry]) -> None:
+    """Would stripping a prefix from A's (or else B's) keys explain the difference?"""
+    for side, wanted, stored in (("A", kb, ka), ("B", ka, kb)):
+        p = prefix_hint(wanted, stored)
+        if p is None:
+            continue
+        fn = key_mapper(p)
+        mapped = {fn(k) for k in stored} if fn else set(stored)
+        rep.hint_prefix, rep.hint_side = p, side
+        rep.hint_matches = len(mapped & set(wanted))
+        rep.hint_of = max(len(wanted), len(stored))
+        return
 
 
 # ---------------------------------------------------------------- checkpoint vs model
@@ -150,6 +222,11 @@ class ModelCheckReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": "model", "path": self.path, "target": self.target,
+                "prefix": self.prefix, "ok": self.ok, "missing": self.missing,
+                "unexpected": self.unexpected, "mismatched": self.mismatched}
 
     def __str__(self) -> str:
         lines = [f"checkpoint {self.path} (keys under {self.prefix or '<root>'!r}) "
@@ -176,7 +253,7 @@ def load_target(spec: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
-        raise TypeError(f"{spec} returned {type(obj).__name__}; expected an nn.Module or a "
+        raise ValueError(f"{spec} returned {type(obj).__name__}; expected an nn.Module or a "
                         f"state dict")
     return obj
 
@@ -189,6 +266,7 @@ def check_model(path: str | os.PathLike, target: str, *, prefix: str | None = No
                 trust_pickle: bool = False) -> ModelCheckReport:
     """Will the checkpoint's model keys load into the model `target` builds?"""
     sd = load_target(target)
+    refuse_special(os.fspath(path))
     with open_source(os.fspath(path), trust_pickle=trust_pickle) as src:
         ents = src.entries
         if prefix is None:

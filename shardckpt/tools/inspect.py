@@ -1,4 +1,8 @@
-"""`shardckpt inspect`: what a checkpoint holds, from its manifest alone (no data read)."""
+"""`shardckpt inspect`: what a checkpoint holds, from its manifest alone (no data read).
+
+Other formats (stock DCP directories, torch.save files, safetensors) are
+summarized from their own metadata through `tools.sources.open_source`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,10 @@ from typing import Any
 import torch
 
 from ..format import dtype_from_name
+from ..io.fsutil import dir_size
 from ..io.reader import CheckpointReader
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from .report import human_bytes as _human
+from .report import plural, refuse_special
 
 
 def _step(um: dict) -> Any:
@@ -27,10 +26,53 @@ def _step(um: dict) -> Any:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON-able summary of a checkpoint: totals, files per rank, and every key."""
+    """A JSON-able summary of a shardckpt checkpoint: totals, files per rank, and every key."""
     path = os.fspath(path)
     with CheckpointReader(path) as reader:
         return _summary(reader)
+
+
+def inspect_path(path: str | os.PathLike, *, source_format: str | None = None,
+                 trust_pickle: bool = False) -> dict[str, Any]:
+    """`inspect_checkpoint` for any format the tools read (detected unless `source_format`).
+
+    For formats other than shardckpt the fields a manifest alone knows
+    (world_size, created, versions, codec, ranks, format_version) are None.
+    """
+    from .sources import detect, open_source
+
+    path = os.fspath(path)
+    refuse_special(path)
+    kind = source_format or detect(path)
+    if kind == "shardckpt":
+        return {"format": "shardckpt", **inspect_checkpoint(path)}
+    with open_source(path, kind, trust_pickle=trust_pickle) as src:
+        keys: list[dict[str, Any]] = []
+        for k, e in sorted(src.entries.items()):
+            if e.kind == "tensor":
+                keys.append({"key": k, "kind": "tensor", "shape": list(e.shape),
+                             "dtype": str(e.dtype).removeprefix("torch."), "bytes": e.nbytes, "shards": None,
+                             "stored_bytes": None})
+            else:
+                keys.append({"key": k, "kind": "object", "bytes": None, "shards": None,
+                             "stored_bytes": None})
+        step = _step(src.user_metadata)
+        if step is None:
+            cands = [k for k, e in src.entries.items() if e.kind == "object"
+                     and (k == "progress.step" or k.endswith(".progress.step"))]
+            if len(cands) == 1:
+                step = src.read_object(cands[0])
+        on_disk = dir_size(path) if os.path.isdir(path) else os.path.getsize(path)
+        logical = sum(e.nbytes for e in src.entries.values())
+        return {
+            "format": kind, "path": os.path.abspath(path), "step": step, "world_size": None,
+            "created": None, "format_version": None, "versions": {}, "codec": None,
+            "bytes_logical": logical, "bytes_on_disk": on_disk,
+            "compression_ratio": (logical / on_disk) if on_disk else None,
+            "n_tensors": sum(e.kind == "tensor" for e in src.entries.values()),
+            "n_objects": sum(e.kind == "object" for e in src.entries.values()),
+            "ranks": [], "user_metadata": dict(src.user_metadata or {}), "keys": keys,
+        }
 
 
 def _summary(reader: CheckpointReader) -> dict[str, Any]:
@@ -84,6 +126,8 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
 
 def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
     """Human-readable rendering of `inspect_checkpoint`: header, ranks, then a key tree."""
+    if info.get("format", "shardckpt") != "shardckpt":
+        return _format_other(info, max_keys)
     v = info["versions"]
     ratio = info["compression_ratio"]
     lines = [
@@ -97,12 +141,32 @@ def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
         f"blocks of {_human(info['codec'].get('block_size', 0))}",
         f"size         {_human(info['bytes_logical'])} logical, {_human(info['bytes_on_disk'])} "
         f"on disk" + (f" (ratio {ratio:.2f}x)" if ratio else ""),
-        f"keys         {info['n_tensors']} tensors, {info['n_objects']} objects",
+        f"keys         {plural(info['n_tensors'], 'tensor')}, "
+        f"{plural(info['n_objects'], 'object')}",
         "files per rank:",
     ]
     for r in info["ranks"]:
-        lines.append(f"  rank {r['rank']:>4}: {len(r['files'])} file(s), {_human(r['bytes'])}")
-    lines.append("keys:")
+        lines.append(f"  rank {r['rank']:>4}: {plural(len(r['files']), 'file')}, "
+                     f"{_human(r['bytes'])}")
+    lines += _key_tree(info, max_keys)
+    return "\n".join(lines)
+
+
+def _format_other(info: dict[str, Any], max_keys: int | None) -> str:
+    lines = [
+        f"checkpoint   {info['path']} ({info['format']})",
+        f"step         {info['step'] if info['step'] is not None else '(not recorded)'}",
+        f"size         {_human(info['bytes_logical'])} of tensors, "
+        f"{_human(info['bytes_on_disk'])} on disk",
+        f"keys         {plural(info['n_tensors'], 'tensor')}, "
+        f"{plural(info['n_objects'], 'object')}",
+    ]
+    lines += _key_tree(info, max_keys)
+    return "\n".join(lines)
+
+
+def _key_tree(info: dict[str, Any], max_keys: int | None) -> list[str]:
+    lines = ["keys:"]
     prev: list[str] = []
     keys = info["keys"] if max_keys is None else info["keys"][:max_keys]
     for k in keys:
@@ -116,11 +180,14 @@ def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
         prev = parts[:-1]
         pad = "  " + "  " * (len(parts) - 1)
         if k["kind"] == "tensor":
-            desc = (f"{str(k['shape']):<18} {k['dtype']:<9} {_human(k['bytes']):>10}  "
-                    f"{k['shards']} shard{'s' if k['shards'] != 1 else ''}")
+            desc = f"{str(k['shape']):<18} {k['dtype']:<9} {_human(k['bytes']):>10}"
+            if k.get("shards") is not None:
+                desc += f"  {plural(k['shards'], 'shard')}"
         else:
-            desc = f"{'object':<28} {_human(k['bytes']):>10}"
+            desc = f"{'object':<28}" + (f" {_human(k['bytes']):>10}" if k.get("bytes") is not None
+                                        else "")
         lines.append(f"{pad}{parts[-1]:<{max(1, 40 - len(pad))}} {desc}")
     if max_keys is not None and len(info["keys"]) > max_keys:
-        lines.append(f"  ... {len(info['keys']) - max_keys} more keys (use --json for all)")
-    return "\n".join(lines)
+        more = len(info["keys"]) - max_keys
+        lines.append(f"  ... {plural(more, 'more key')} (use --json for all)")
+    return lines
