@@ -330,7 +330,7 @@ def test_index_must_name_files_beside_it_and_agree_with_them(tmp_path: Path):
 
 def test_hf_source_reads_row_slabs_through_the_library(tmp_path: Path):
     """Streaming import: rows come from safetensors' get_slice, slab by slab."""
-    from shardckpt.tools.sources import SafetensorsSource
+    from shardckpt.tools.external import SafetensorsSource
 
     w = torch.randn(1000, 33)
     shardckpt.save({"w": w, "s": torch.tensor(2.5)}, tmp_path / "ck")

@@ -53,6 +53,12 @@ class GcReport:
     removed: list[GcAction] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
 
+    def to_dict(self) -> dict:
+        return {"root": self.root, "dry_run": self.dry_run, "bytes_freed": self.bytes_freed,
+                "removed": [{"path": a.path, "name": os.path.basename(a.path), "kind": a.kind,
+                             "reason": a.reason, "bytes": a.bytes} for a in self.removed],
+                "kept": [{"name": n, "why": w} for n, w in self.kept]}
+
     @property
     def bytes_freed(self) -> int:
         return sum(a.bytes for a in self.removed)

@@ -37,8 +37,9 @@ import torch
 
 from ..format.keys import KeyMap
 from ..training.train_state import encode_numpy_rng, encode_python_rng, library_version
+from .external import load_torch_file
 from .hf import model_key_map
-from .sources import Entry, Source, load_torch_file
+from .sources import Entry, Source
 
 MODEL_KEYS = ("model_state_dict", "model", "state_dict")
 OPTIM_KEYS = ("optimizer_state_dict", "optimizer", "optim")

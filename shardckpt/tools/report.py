@@ -229,10 +229,7 @@ def verify_text(rep: Any) -> str:
 
 def gc_to_dict(rep: Any) -> dict[str, Any]:
     """A `tools.gc.GcReport` as JSON: root, dry_run, bytes_freed, removed[], kept[]."""
-    return {"root": rep.root, "dry_run": rep.dry_run, "bytes_freed": rep.bytes_freed,
-            "removed": [{"path": a.path, "name": os.path.basename(a.path), "kind": a.kind,
-                         "reason": a.reason, "bytes": a.bytes} for a in rep.removed],
-            "kept": [{"name": n, "why": why} for n, why in rep.kept]}
+    return rep.to_dict()
 
 
 def gc_text(rep: Any) -> str:

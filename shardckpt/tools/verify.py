@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import codec
@@ -144,14 +145,17 @@ def _read(f, offset: int, length: int) -> bytes:
 
 
 def verify_reader(reader: CheckpointReader, *, deep: bool = False, threads: int | None = None,
-                  raise_on_error: bool = True) -> VerifyReport:
+                  raise_on_error: bool = True,
+                  on_progress: Callable[[int], None] | None = None) -> VerifyReport:
     """`verify` of an open checkpoint (its manifest is already checksummed and validated)."""
     report = VerifyReport(path=reader.path, deep=deep)
     items = _items_by_file(reader)
     files = reader.manifest.files
     jobs = [(rel, items.get(rel, [])) for rel in sorted(files)]
-    results = list(codec.pool(threads).map(lambda j: _check_file(reader, *j, deep), jobs))
-    for probs, nblocks, nbytes in results:
+    for probs, nblocks, nbytes in codec.pool(threads).map(lambda j: _check_file(reader, *j, deep),
+                                                          jobs):
+        if on_progress is not None:
+            on_progress(nbytes)
         report.problems.extend(probs)
         report.blocks += nblocks
         report.bytes_checked += nbytes
@@ -163,7 +167,8 @@ def verify_reader(reader: CheckpointReader, *, deep: bool = False, threads: int 
 
 
 def verify(path: str | os.PathLike, *, deep: bool = False, threads: int | None = None,
-           raise_on_error: bool = True) -> VerifyReport:
+           raise_on_error: bool = True,
+           on_progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check the manifest's checksum and structure, every file's size and checksum and every
     block's checksum (files in parallel); `deep` also decodes every block.
 
@@ -172,4 +177,5 @@ def verify(path: str | os.PathLike, *, deep: bool = False, threads: int | None =
     manifest that cannot be trusted at all raises in either case.
     """
     with CheckpointReader(os.fspath(path), threads=threads) as reader:
-        return verify_reader(reader, deep=deep, threads=threads, raise_on_error=raise_on_error)
+        return verify_reader(reader, deep=deep, threads=threads, raise_on_error=raise_on_error,
+                             on_progress=on_progress)
