@@ -186,3 +186,22 @@ def test_gc_removes_temp_files_of_dead_writers_only(tmp_path):
     rep = gc(tmp_path, older_than=0)
     assert not stale.exists() and live.exists()
     assert [a.kind for a in rep.removed] == ["temp"]
+
+
+def test_gc_and_a_save_killed_while_creating_its_staging_directory(tmp_path):
+    shardckpt.save({"w": torch.ones(2)}, tmp_path / "step_00000001")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    unmarked = tmp_path / ".step_00000002.partial-0123456789ab"   # killed after mkdir
+    (unmarked / "data").mkdir(parents=True)
+    half = tmp_path / ".step_00000003.partial-0123456789ac"       # killed writing the marker
+    (half / "data").mkdir(parents=True)
+    (half / f".PARTIAL.json.tmp-{dead.pid}-abc123").write_text("{")
+    gc(tmp_path, older_than=0)
+    assert not half.exists()  # its creator is dead: no waiting
+    assert unmarked.exists()  # maybe a creator about to write its marker
+    old = time.time() - 120
+    os.utime(unmarked, (old, old))
+    gc(tmp_path, older_than=0)
+    assert not unmarked.exists()
+    assert shardckpt.verify(str(tmp_path / "step_00000001")).ok

@@ -37,6 +37,7 @@ from ..format.names import (
     DirState,
     Leftover,
     parse_leftover,
+    parse_temp,
     staging_name,
     trash_name,
 )
@@ -84,9 +85,7 @@ def staging_abandoned(staging: str, older_than: float) -> bool:
     if age is None:
         return False
     if marker is None:
-        # No marker: the directory is being created, or it is not ours in a
-        # form we understand; both are left alone unless old.
-        return age > max(older_than, 2 * HEARTBEAT_S)
+        return _unmarked_abandoned(staging, age, older_than)
     try:
         alive = pid_alive(int(marker.get("pid", -1)), str(marker.get("host", "")))
     except (TypeError, ValueError):
@@ -95,6 +94,24 @@ def staging_abandoned(staging: str, older_than: float) -> bool:
         return True
     # Alive or on another host: only a stopped heartbeat says it is abandoned.
     return age > max(older_than, 4 * HEARTBEAT_S)
+
+
+def _unmarked_abandoned(staging: str, age: float, older_than: float) -> bool:
+    """A staging directory without its marker: killed while it was being created
+    (an empty data/, perhaps the marker's temp file), or something we do not know."""
+    try:
+        entries = os.listdir(staging)
+        data = os.listdir(os.path.join(staging, DATA_DIR)) if DATA_DIR in entries else []
+    except OSError:
+        return False
+    temps = [t for e in entries if (t := parse_temp(e)) is not None]
+    if set(entries) - {DATA_DIR} - {e for e in entries if parse_temp(e)} or data:
+        return age > max(older_than, 2 * HEARTBEAT_S)  # not a creation we recognise
+    if any(t[0] == PARTIAL_MARKER and pid_alive(t[1]) is False for t in temps):
+        return True  # its creator died writing the marker
+    # Created and not yet marked: maybe a live creator about to write the marker,
+    # which a gc looping beside it must not starve; gone once clearly old.
+    return age > max(older_than, 2 * HEARTBEAT_S)
 
 
 def check_name(final: str) -> None:
