@@ -39,6 +39,7 @@ from ..format.names import (
     parse_leftover,
     parse_temp,
     staging_name,
+    temp_name,
     trash_name,
 )
 from .foreign import carry_into, check_target
@@ -55,6 +56,9 @@ from .fsutil import (
 from .storage import storage_for
 
 HEARTBEAT_S = 30.0
+# The temp name a staging directory is built under (short: it must fit NAME_MAX
+# whatever the checkpoint's name).
+INIT_NAME = "shardckpt-staging"
 
 
 def _token() -> str:
@@ -154,13 +158,18 @@ class Commit:
             raise typed_commit_error(e, final, "creating its parent directory") from e
         _remove_dead_partials(parent, name)
         staging = os.path.join(parent, staging_name(name, _token()))
+        # Built under a temp name and renamed: a staging directory never exists
+        # without its marker, so gc never has to guess about a half-made one.
+        init = os.path.join(parent, temp_name(INIT_NAME, os.getpid(), uuid.uuid4().hex[:6]))
         try:
-            os.makedirs(os.path.join(staging, DATA_DIR))
+            os.makedirs(os.path.join(init, DATA_DIR))
             marker = {"target": name, "save_id": save_id, "world_size": world_size,
                       "started_unix": time.time(), "host": HOST, "pid": os.getpid()}
-            write_file_durable(os.path.join(staging, PARTIAL_MARKER), json.dumps(marker).encode())
+            write_file_durable(os.path.join(init, PARTIAL_MARKER), json.dumps(marker).encode())
+            os.rename(init, staging)
             fsync_dir(parent)
         except BaseException as e:
+            shutil.rmtree(init, ignore_errors=True)
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(e, OSError):
                 raise typed_commit_error(e, final, "creating the staging directory") from e
@@ -241,10 +250,15 @@ def _remove_dead_partials(parent: str, name: str) -> None:
     except OSError:
         return
     for e in entries:
+        path = os.path.join(parent, e)
+        t = parse_temp(e)
+        if t is not None and t[0] == INIT_NAME:
+            if pid_alive(t[1]) is False and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)  # a staging directory never finished
+            continue
         p = parse_leftover(e)
         if p is None or p[0] != name:
             continue
-        path = os.path.join(parent, e)
         if p[1] == Leftover.OLD or staging_abandoned(path, older_than=float("inf")):
             remove_dir(path, os.path.join(parent, trash_name(name, _token())))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
     for e in sorted(os.listdir(root)):
         t = parse_temp(e)
         p = os.path.join(root, e)
-        if t is None or not os.path.isfile(p) or os.path.islink(p):
+        if t is None or os.path.islink(p) or not (os.path.isfile(p) or os.path.isdir(p)):
             continue
         try:
             age = now - os.lstat(p).st_mtime
@@ -137,8 +138,11 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
             actions.append(GcAction(p, "temp", f"unfinished write of {t[0]}", os.lstat(p).st_size))
     for a in actions:
         if not dry_run and a.kind == "temp":
-            with contextlib.suppress(OSError):
-                os.unlink(a.path)
+            if os.path.isdir(a.path):  # a staging directory its creator never finished
+                shutil.rmtree(a.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(a.path)
             report.removed.append(a)
             continue
         if not dry_run:
