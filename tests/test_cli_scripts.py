@@ -22,7 +22,7 @@ import torch
 
 import shardckpt
 from shardckpt.format.names import MANIFEST_NAME
-from tests.test_fixtures import assert_bitwise, expected
+from tests.test_fixtures import check_fsdp2, check_single
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -355,31 +355,10 @@ def test_migrate_v1_fixture(name: str, tmp_path: Path) -> None:
 
 def _load_bitwise(name: str, path: str) -> None:
     """The checks of tests/test_fixtures.py, on the migrated copy."""
-    t = expected(name)["tensors"]
     if name.startswith("v1_single"):
-        state: dict = {k: torch.zeros_like(v) for k, v in t.items() if "." not in k}
-        state["nested"] = {"a": torch.zeros_like(t["nested.a"]),
-                           "b": {"c": torch.zeros_like(t["nested.b.c"])}}
-        state.update(step=0, name="", cfg={"lr": 0.0, "betas": [], "flags": []})
-        shardckpt.load(state, path)
-        for k, v in t.items():
-            got = state
-            for part in k.split("."):
-                got = got[part]
-            assert_bitwise(got, v, k)
-        assert state["step"] == 42 and state["cfg"]["betas"] == [0.9, 0.999]
-        return
-    torch.manual_seed(123)
-    model = torch.nn.Sequential(torch.nn.Linear(13, 515), torch.nn.GELU(), torch.nn.Linear(515, 6))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    ts = shardckpt.TrainState(model=model, optimizer=opt, scheduler=sched)
-    shardckpt.load({"train": ts}, path)
-    for n, p in model.named_parameters():
-        assert_bitwise(p, t[f"train.model.{n}"], n)
-        for moment in ("exp_avg", "exp_avg_sq"):
-            assert_bitwise(opt.state[p][moment], t[f"train.optim.state.{n}.{moment}"], n)
-    assert ts.step == 3 and sched.last_epoch == 3
+        check_single(name, path)
+    else:
+        check_fsdp2(path)
 
 
 def test_migrate_cli(tmp_path: Path) -> None:

@@ -38,11 +38,9 @@ def fixture_copy(name: str, tmp_path) -> str:
     return dst
 
 
-@pytest.mark.parametrize("name", ["v1_single_zstd", "v1_single_none"])
-def test_v1_single_process_loads_bitwise(name, tmp_path):
-    exp = expected(name)
-    path = fixture_copy(name, tmp_path)
-    t = exp["tensors"]
+def check_single(name: str, path: str) -> None:
+    """A copy of the single-process fixture `name` at `path` loads bitwise."""
+    t = expected(name)["tensors"]
     state = {k: torch.zeros_like(v) for k, v in t.items() if "." not in k}
     state["nested"] = {"a": torch.zeros_like(t["nested.a"]),
                        "b": {"c": torch.zeros_like(t["nested.b.c"])}}
@@ -58,16 +56,15 @@ def test_v1_single_process_loads_bitwise(name, tmp_path):
     assert shardckpt.verify(path).ok
 
 
-def test_v1_fsdp2_trainstate_restores_on_one_process(tmp_path):
-    exp = expected("v1_fsdp2_trainstate_w2")
-    path = fixture_copy("v1_fsdp2_trainstate_w2", tmp_path)
+def check_fsdp2(path: str) -> None:
+    """A copy of the 2-rank FSDP2 TrainState fixture at `path` restores on one process."""
+    t = expected("v1_fsdp2_trainstate_w2")["tensors"]
     torch.manual_seed(123)  # different init: the load must overwrite every value
     model = torch.nn.Sequential(torch.nn.Linear(13, 515), torch.nn.GELU(), torch.nn.Linear(515, 6))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     ts = shardckpt.TrainState(model=model, optimizer=opt, scheduler=sched)
     shardckpt.load({"train": ts}, path)
-    t = exp["tensors"]
     for name, p in model.named_parameters():
         assert_bitwise(p, t[f"train.model.{name}"], name)
         for moment in ("exp_avg", "exp_avg_sq"):
@@ -76,3 +73,12 @@ def test_v1_fsdp2_trainstate_restores_on_one_process(tmp_path):
     assert sched.last_epoch == 3
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)
     assert shardckpt.verify(path).ok
+
+
+@pytest.mark.parametrize("name", ["v1_single_zstd", "v1_single_none"])
+def test_v1_single_process_loads_bitwise(name, tmp_path):
+    check_single(name, fixture_copy(name, tmp_path))
+
+
+def test_v1_fsdp2_trainstate_restores_on_one_process(tmp_path):
+    check_fsdp2(fixture_copy("v1_fsdp2_trainstate_w2", tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
@@ -35,15 +36,24 @@ class SafeSavePlanner(DefaultSavePlanner):
     def __init__(self, *, path: str = "") -> None:
         super().__init__()
         self.path = path
+        self._serialized: dict = {}
+
+    def resolve_data(self, write_item: Any) -> Any:
+        # Objects were serialized once for the check below; write those bytes.
+        data = self._serialized.pop(write_item.index, None)
+        return io.BytesIO(data) if data is not None else super().resolve_data(write_item)
 
     def create_local_plan(self) -> SavePlan:
         plan = super().create_local_plan()
+        self._serialized.clear()
         for item in plan.items:
             if item.type != WriteItemType.BYTE_IO:
                 continue
             fqn = item.index.fqn
             try:
-                weights_only_load(io.BytesIO(self.resolve_data(item).getvalue()))
+                data = super().resolve_data(item).getvalue()
+                self._serialized[item.index] = data
+                weights_only_load(io.BytesIO(data))
             except Exception as e:
                 kind = type(self.state_dict.get(fqn)).__name__
                 raise UnsafeObjectError(

@@ -29,7 +29,7 @@ from .external import ST_OBJECTS, ST_PLANNER, ST_USER
 from .hf import (
     DEFAULT_MAX_SHARD_BYTES,
     is_model_key,
-    model_key_map,
+    model_names_map,
     model_prefix,
     parse_size,
     write_hf_dir,
@@ -116,14 +116,14 @@ def select(src: Source, *, key_map: KeyMap | None, model_only: bool = False,
 
     With none of model_only / include / exclude / dtype, `src` itself (the targets
     then apply `key_map`, keeping the source's nesting). Output keys: with
-    `model_only`, the model's own names (`hf.model_key_map`), then `key_map`;
+    `model_only`, the model's own names (`hf.model_names_map`), then `key_map`;
     `include` / `exclude` are fnmatch globs on those, exclude winning.
     """
     include, exclude = _patterns(include), _patterns(exclude)
     if not (model_only or include or exclude or dtype is not None):
         return src, []
     prefix = model_prefix(src.entries, prefer=_patterns(strip_prefix)) if model_only else ""
-    mk = model_key_map(prefix) if model_only else None
+    mk = model_names_map(prefix) if model_only else None
     pairs: list[tuple[str, str]] = []
     dropped: list[str] = []
     origin: dict[str, str] = {}

@@ -3,7 +3,7 @@
 Two pieces:
 
 - which keys of a checkpoint are the model's weights (`model_prefix`,
-  `model_key_map`), whatever layout saved them: a plain state, a `TrainState`
+  `model_names_map`), whatever layout saved them: a plain state, a `TrainState`
   under any top-level key (``<top>.model.<fqn>``), a DDP (``module.``) or
   compiled (``_orig_mod.``) model;
 - the directory layout `transformers` reads: one ``model.safetensors``, or
@@ -114,7 +114,7 @@ def is_model_key(key: str, prefix: str) -> bool:
     return not (head in ("optim", "optimizer") and rest.split(".")[0] in ("state", "param_groups"))
 
 
-def model_key_map(prefix: str) -> KeyMap:
+def model_names_map(prefix: str) -> KeyMap:
     """Checkpoint key -> the model's parameter / buffer name (THE key mapper, anchored rules)."""
     rules = [(_WRAPPERS, "")]
     if prefix:

@@ -38,7 +38,7 @@ import torch
 from ..format.keys import KeyMap
 from ..training.train_state import encode_numpy_rng, encode_python_rng, library_version
 from .external import load_torch_file
-from .hf import model_key_map
+from .hf import model_names_map
 from .sources import Entry, Source
 
 MODEL_KEYS = ("model_state_dict", "model", "state_dict")
@@ -241,7 +241,7 @@ def import_train_state(obj: Any, *, key_map: KeyMap | None = None,
     if m is not None:
         msd = _as_state_dict(m[1])
         if isinstance(msd, Mapping) and all(isinstance(k, str) for k in msd):
-            strip = model_key_map("")
+            strip = model_names_map("")
             for k, v in msd.items():
                 nk = strip(k)
                 nk = key_map(nk) if key_map else nk
