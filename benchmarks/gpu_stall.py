@@ -36,8 +36,8 @@ import torch
 MB = 1 << 20
 TENSOR_BYTES = 256 * MB
 # (part, timeout in s): the order is the order of importance.
-PARTS = (("floor", 90), ("shardckpt", 150), ("dcp-thread", 120), ("dcp-process", 150),
-         ("train", 150), ("memory", 180))
+PARTS = (("floor", 90), ("shardckpt", 150), ("dcp-thread", 120), ("train", 150),
+         ("memory", 180), ("dcp-process", 120))
 
 
 def make_state(gb: float) -> dict[str, torch.Tensor]:
@@ -79,6 +79,17 @@ def write_time(path: str, n: int) -> float:
     dt = time.perf_counter() - t0
     os.unlink(path)
     return dt
+
+
+_RESULT: str | None = None  # a child's result file, rewritten as figures come in
+
+
+def flush(out: dict) -> None:
+    """Write what a part has so far: a part killed by its time box still reports it."""
+    if _RESULT is not None:
+        with open(_RESULT + ".tmp", "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        os.replace(_RESULT + ".tmp", _RESULT)
 
 
 def rss() -> int:
@@ -138,6 +149,7 @@ def part_shardckpt(args: argparse.Namespace, out: dict) -> None:
         runs.append({"stall_s": stall, "durable_s": time.perf_counter() - t0,
                      "bytes_written": du(os.path.join(args.dir, f"s{i % 2}"))})
         out["runs"] = runs
+        flush(out)
         print(f"  shardckpt save {i}: {runs[-1]}", flush=True)
     steady = runs[1:] or runs
     out["stall_first_s"] = runs[0]["stall_s"]
@@ -196,6 +208,7 @@ def _dcp(args: argparse.Namespace, out: dict, mode_name: str) -> None:
             runs.append({"returned_s": returned, "stall_s": stall,
                          "durable_s": time.perf_counter() - t0})
             out["runs"] = runs
+            flush(out)
             print(f"  dcp {mode_name} save {i}: {runs[-1]}", flush=True)
     finally:
         stager.close()
@@ -282,6 +295,7 @@ def part_memory(args: argparse.Namespace, out: dict) -> None:
         samples.append({"rss": rss(), "pinned": st["pinned_bytes"],
                         "pinned_allocations": st["pinned_allocations"]})
         out["samples"] = samples
+        flush(out)
     first, last = samples[0], samples[-1]
     out["saves"] = len(samples)
     out["rss_growth"] = last["rss"] - first["rss"]
@@ -294,8 +308,10 @@ def part_memory(args: argparse.Namespace, out: dict) -> None:
 def run_part(name: str, timeout: float, args: argparse.Namespace) -> dict:
     res_file = tempfile.mktemp(prefix=f"gpu_stall-{name}-", suffix=".json")
     work = tempfile.mkdtemp(prefix=f"gpu_stall-{name}-", dir=args.dir)
+    # The memory part stops itself well inside its time box, with what it measured.
+    memory_s = max(10.0, min(args.memory_s, timeout - 45))
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--result", res_file,
-           "--gb", str(args.gb), "--dir", work, "--memory-s", str(args.memory_s)]
+           "--gb", str(args.gb), "--dir", work, "--memory-s", str(memory_s)]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
@@ -312,6 +328,8 @@ def run_part(name: str, timeout: float, args: argparse.Namespace) -> dict:
         with open(res_file) as f:
             res = json.load(f)
         os.unlink(res_file)
+    if status != "ok" and res:
+        res["partial"] = True
     if status != "ok" or "error" in res:
         res["log_tail"] = tail
     res["status"] = res.get("status", status) if status == "ok" else status
@@ -384,6 +402,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.part:  # a child: one part, its result in --result whatever happens
+        global _RESULT
+        _RESULT = args.result
         out: dict = {"part": args.part}
         try:
             globals()["part_" + args.part.replace("-", "_")](args, out)
