@@ -13,7 +13,7 @@ VENV_FLAGS ?=
 $(BIN)/python:
 	$(PY) -m venv $(VENV_FLAGS) $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml $(wildcard setup.py) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+$(STAMP): $(BIN)/python pyproject.toml $(wildcard setup.py) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.py)
 	$(BIN)/pip install -q "setuptools>=64" wheel
 	# torch first and pinned (an unpinned one would pull a multi-GB CUDA build),
 	# unless the venv already sees one.
