@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from . import api, codec
 from .dcp.join import join
+from .gpu import staging as gpu_staging
 
 log = logging.getLogger("shardckpt")
 _ALIGN = 64
@@ -92,6 +93,10 @@ class StagingPool:
 
     def stage(self, tree: Any) -> Any:
         """A copy of `tree` whose tensors live in the arena (the caller checked `fits`)."""
+        # GPU data path (shardckpt/gpu, docs/GPU.md): CUDA tensors go through the
+        # extension's pinned pool and copy streams instead of this arena.
+        if gpu_staging.handles(tree):
+            return gpu_staging.stage_for(self, tree)
         self._ensure(staged_bytes(tree))
         state = {"off": 0, "cuda": False}
 
