@@ -242,7 +242,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     handle = AsyncSaveHandle(path, time.perf_counter() - t0)
 
     def run() -> None:
-        codec.lower_thread_priority()  # the writer thread it starts inherits this
+        codec.lower_thread_priority(background=True)  # the writer thread inherits this
         try:
             # Training runs meanwhile: leave it half the cores.
             save_kwargs.setdefault("threads", codec.default_threads())
