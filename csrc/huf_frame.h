@@ -30,7 +30,10 @@ class HufFrameEncoder {
 
  private:
   // Table the decoder will hold after the last Compressed_Literals_Block
-  // written (what a Treeless block refers to), and the candidate for the next.
+  // written (what a Treeless block refers to), and the candidate for the next;
+  // 257 = HUF_CTABLE_SIZE_ST(255). The workspace is HUF_WORKSPACE_SIZE (8704)
+  // plus slack for zstd's internal alignment; zstd checks the size it is given
+  // and a shortfall would fail every frame, not corrupt one.
   alignas(8) size_t tables_[2][257];
   alignas(8) uint8_t wksp_[8704 + 64];
   int flags_ = 0;
