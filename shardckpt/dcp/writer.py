@@ -23,8 +23,8 @@ from torch.futures import Future
 from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
-from ..io.commit import Commit
 from ..io.data_writer import DataFileWriter, tensor_bytes
+from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
 from .metadata import RankFile, manifest_from_results
 
 log = logging.getLogger("shardckpt")
@@ -36,6 +36,7 @@ class _RankPlan:
 
     staging: str
     rank: int
+    rel: str = ""  # the data file's name (object stores: unique per save)
 
 
 class ShardWriter(StorageWriter):
@@ -44,17 +45,19 @@ class ShardWriter(StorageWriter):
     def __init__(self, path: str | os.PathLike | None = None, *, compression: str = "zstd",
                  level: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
                  threads: int | None = None, overwrite: bool = True,
-                 user_metadata: dict | None = None) -> None:
+                 user_metadata: dict | None = None,
+                 storage_options: dict | None = None) -> None:
         super().__init__()
         self.path = os.fspath(path) if path is not None else None
         self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
         self.threads = threads
         self.overwrite = overwrite
         self.user_metadata = dict(user_metadata or {})
+        self.storage_options = storage_options
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
         self._plans: list[SavePlan] = []
-        self._commit: Commit | None = None
+        self._commit: CheckpointWrite | None = None
 
     # -- StorageWriter protocol
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -79,9 +82,10 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
-        self._commit = Commit.create(self.path, overwrite=self.overwrite, save_id=self.save_id,
-                                     world_size=len(plans))
-        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(self._commit.staging, i))
+        self._commit = storage_for(self.path, self.storage_options).begin_commit(
+            self.path, overwrite=self.overwrite, save_id=self.save_id, world_size=len(plans))
+        c = self._commit
+        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(c.staging, i, c.data_name(i)))
                        for i, p in enumerate(plans)]
         return self._plans
 
@@ -98,7 +102,7 @@ class ShardWriter(StorageWriter):
                          info: _RankPlan) -> list[WriteResult]:
         if not plan.items:
             return []
-        rel = data_file_name(info.rank)
+        rel = info.rel or data_file_name(info.rank)
         t0 = time.perf_counter()
 
         def payloads() -> Iterator[tuple[memoryview, int]]:
@@ -109,8 +113,10 @@ class ShardWriter(StorageWriter):
                 else:
                     yield tensor_bytes(data), group_size(data.dtype)
 
-        path = os.path.join(info.staging, rel)
-        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank) as out:
+        path = join(info.staging, rel)
+        sink = (storage_for(path, self.storage_options).open_sink(path, info.rank)
+                if is_url(path) else None)
+        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank, sink=sink) as out:
             records = out.append_many(payloads())
         rf = RankFile(file=rel, rank=info.rank, size=out.size, crc32=out.crc)
         log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
@@ -119,7 +125,7 @@ class ShardWriter(StorageWriter):
                 for item, rec in zip(plan.items, records)]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        final = os.path.abspath(self.path)
+        final = norm_path(self.path)
         if self._commit is None:
             raise SaveFailedError(f"{final}: finish() without a prepared plan")
         expected = {i: len(p.items) for i, p in enumerate(self._plans)}
@@ -128,6 +134,8 @@ class ShardWriter(StorageWriter):
             user_metadata=self.user_metadata, versions=runtime_versions())
         staging = self._commit.staging
         for rel, fi in manifest.files.items():
+            if is_url(staging):
+                break  # an object store's commit checks every size itself (objstore/commit.py)
             p = os.path.join(staging, rel)
             try:
                 size = os.path.getsize(p)

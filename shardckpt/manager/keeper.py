@@ -30,7 +30,7 @@ from ..format.names import Leftover, trash_name
 from ..io.commit import staging_abandoned
 from ..io.fsutil import remove_dir
 from ..io.reader import CheckpointReader, find_partials
-from ..io.storage import storage_for
+from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
 from .catalog import CheckpointInfo, delete_checkpoint, list_checkpoints, precheck, step_entries
 from .leases import Leases
@@ -96,6 +96,14 @@ class RootKeeper:
 
     def clean_leftovers(self) -> None:
         pending = self.pending_name
+        if is_url(self.root):
+            from ..io.objstore.leftovers import find_leftovers, remove_leftover
+
+            st = storage_for(self.root)
+            for item in find_leftovers(st, self.root, older_than=0.0)[0]:
+                if item.checkpoint != pending and item.kind != "orphan":
+                    remove_leftover(st, item)
+            return
         for e in os.listdir(self.root):
             parsed = parse_leftover_in_root(e)
             if parsed is None or parsed[0] == pending:
@@ -117,12 +125,15 @@ class RootKeeper:
 
     def prepare_write(self, step: int, metrics: dict) -> dict:
         """Rank 0, before anything is written: clean leftovers, make room or refuse."""
-        os.makedirs(self.root, exist_ok=True)
+        if not is_url(self.root):
+            os.makedirs(self.root, exist_ok=True)
         self.clean_leftovers()
         infos = list_checkpoints(self.root)
         prev = [i for i in infos if i.step != step]
         estimate = prev[-1].size_bytes if prev else (self.state_estimate or 0)
         need = int(estimate * self.space_margin) + self.min_free_bytes
+        if is_url(self.root):
+            return {"freed": []}  # an object store has no free space to check
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return {"freed": []}

@@ -36,6 +36,7 @@ from ..errors import (
     ShardckptError,
 )
 from ..io.reader import CheckpointReader
+from ..io.storage import norm_path, storage_for
 from .catalog import (
     CheckpointInfo,
     ManagerSaveResult,
@@ -83,7 +84,8 @@ class CheckpointManager:
                  preemption_grace_s: float | None = 120.0,
                  on_save: Callable[[ManagerSaveResult], Any] | None = None,
                  on_restore: Callable[[int, str], Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None,
+                 storage_options: dict | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_best < 0:
@@ -95,7 +97,9 @@ class CheckpointManager:
         if verify_on_restore not in ("sizes", "full"):
             raise ValueError(f"verify_on_restore must be 'sizes' or 'full', not "
                              f"{verify_on_restore!r}")
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = norm_path(root)
+        if storage_options is not None:  # bound to the root's bucket: saves, loads, listing
+            storage_for(self.root, storage_options)
         self.keep_last = keep_last
         self.keep_best = keep_best if metric is not None else 0
         self.metric = metric
@@ -256,7 +260,7 @@ class CheckpointManager:
         self._keeper.pending_name = step_dir_name(step)
         self._last_saved_step = step
         # Committed later (at the next save / restore / wait, which calls on_save).
-        return ManagerSaveResult(path=os.path.abspath(path), step=step,
+        return ManagerSaveResult(path=norm_path(path), step=step,
                                  seconds=time.perf_counter() - t0, bytes_written=0,
                                  bytes_logical=0, metrics=metrics, committed=False)
 
