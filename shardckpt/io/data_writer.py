@@ -29,8 +29,10 @@ from .sinks import DataSink, final_of_staged, open_sink, typed_write_error
 
 __all__ = ["DataFileWriter", "tensor_bytes", "typed_write_error", "final_of_staged"]
 
-# How many encoded bytes may wait for the writer thread before encoding pauses.
-_WRITE_QUEUE_BYTES = 256 << 20
+# How many encoded bytes may wait for the writer thread before encoding pauses. It
+# is also how far ahead of the measured storage rate the compression policy decides:
+# enough to keep the sink's streams fed, not so much that a slow disk is noticed late.
+_WRITE_QUEUE_BYTES = 64 << 20
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

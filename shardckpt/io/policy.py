@@ -22,6 +22,8 @@ _ALPHA = 0.3
 # Writes are judged over windows at least this large: one block's write time says
 # little (page cache), a window's includes the fdatasyncs.
 WINDOW_BYTES = 16 << 20
+# Encode rates are taken over windows of at least this many raw bytes.
+ENCODE_WINDOW = 4 << 20
 # After this many raw items in a row one item is compressed again, so a changed
 # encoder or storage rate (another job on the disk) is noticed.
 REPROBE_EVERY = 16
@@ -32,6 +34,12 @@ _TOLERANCE = 1.05
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else old + _ALPHA * (new - old)
+
+
+def _ewma_rate(old: float | None, new: float) -> float:
+    # Averaged as seconds per byte: what the predictions add up. Averaging rates
+    # themselves lets one huge reading (a write into the page cache) dominate.
+    return new if old is None else 1.0 / _ewma(1.0 / old, 1.0 / new)
 
 
 class CompressionPolicy:
@@ -49,18 +57,32 @@ class CompressionPolicy:
         self._raw_run = 0
         self._win_bytes = 0
         self._win_s = 0.0
+        self._d_measured = False
+        self._enc: dict[bool, list] = {True: [0, 0, 0.0], False: [0, 0, 0.0]}
         self._lock = threading.Lock()
 
     def observe_encode(self, raw_n: int, stored_n: int, thread_s: float, compressed: bool) -> None:
-        """One item encoded: `thread_s` is wall seconds times the threads it ran on."""
+        """One item encoded: `thread_s` is wall seconds times the threads it ran on.
+
+        Items are summed into windows of ENCODE_WINDOW raw bytes before a rate is
+        taken: a 4-byte tensor's rate is all per-call overhead, and averaging
+        per-item rates would let it count as much as a 40 MB embedding.
+        """
         if raw_n <= 0 or thread_s <= 0:
             return
         with self._lock:
+            w = self._enc[compressed]
+            w[0] += raw_n
+            w[1] += stored_n
+            w[2] += thread_s
+            if w[0] < ENCODE_WINDOW:
+                return
             if compressed:
-                self.zstd_bps = _ewma(self.zstd_bps, raw_n / thread_s)
-                self.ratio = _ewma(self.ratio, stored_n / raw_n)
+                self.zstd_bps = _ewma_rate(self.zstd_bps, w[0] / w[2])
+                self.ratio = _ewma(self.ratio, w[1] / w[0])
             else:
-                self.raw_bps = _ewma(self.raw_bps, raw_n / thread_s)
+                self.raw_bps = _ewma_rate(self.raw_bps, w[0] / w[2])
+            self._enc[compressed] = [0, 0, 0.0]
 
     def observe_write(self, stored_n: int, seconds: float) -> None:
         """`stored_n` bytes accepted by the sink after `seconds` blocked in it."""
@@ -69,7 +91,10 @@ class CompressionPolicy:
             self._win_s += seconds
             if self._win_bytes >= WINDOW_BYTES:
                 rate = self._win_bytes / max(self._win_s, 1e-9)
-                self.storage_bps = _ewma(self.storage_bps, rate)
+                # The first measurement replaces the prior: that was only a guess.
+                self.storage_bps = _ewma_rate(self.storage_bps if self._d_measured else None,
+                                              rate)
+                self._d_measured = True
                 self._win_bytes, self._win_s = 0, 0.0
 
     def predicted(self) -> tuple[float, float] | None:

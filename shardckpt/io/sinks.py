@@ -19,6 +19,8 @@ from .fsutil import typed_os_error
 _SYNC_EVERY = 64 << 20
 # Bytes handed to the streams but not yet written, per stream, before `write` blocks.
 _INFLIGHT_PER_STREAM = 32 << 20
+# The write call, by name, so a test can make the disk fill up at a chosen offset.
+_pwrite = os.pwrite
 
 
 class DataSink(Protocol):
@@ -76,7 +78,7 @@ class LocalSink:
                     while view:
                         # A short pwrite (disk filling up) is retried, so it raises
                         # ENOSPC instead of leaving a silently short file.
-                        n = os.pwrite(self._fd, view, offset)
+                        n = _pwrite(self._fd, view, offset)
                         if n <= 0:
                             raise OSError(f"write to {self.name} made no progress")
                         view, offset, unsynced = view[n:], offset + n, unsynced + n
