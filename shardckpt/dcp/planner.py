@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.planner import (
 from ..errors import (
     DtypeMismatchError,
     MissingKeysError,
+    SaveFailedError,
     ShapeMismatchError,
     UnexpectedKeysError,
     UnsafeObjectError,
@@ -64,6 +65,15 @@ def _same_properties(plan: SavePlan, cached: SavePlan) -> bool:
                 pa.dtype != pb.dtype or pa.requires_grad != pb.requires_grad)):
             return False
     return plan.planner_data == cached.planner_data
+
+
+def forget_plans() -> None:
+    """Drop every cached plan of SafeSavePlanner (all groups and threads)."""
+    for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans,
+                  SavePlanner._cached_global_plan, SavePlanner._cached_metadata,
+                  SavePlanner._cached_final_save_plan):
+        for k in [k for k in cache if k.startswith("SafeSavePlanner/")]:
+            del cache[k]
 
 
 class SafeSavePlanner(DefaultSavePlanner):
@@ -117,8 +127,22 @@ class SafeSavePlanner(DefaultSavePlanner):
         return out
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
+        key = self._cached_plans_key
+        if self._enable_plan_caching and key not in SavePlanner._cached_all_plans and any(
+                not p.usable for p in all_plans):
+            # A rank answered "unchanged" to a coordinator that has no plan to reuse:
+            # DCP would silently plan that rank as empty. Start over on every rank.
+            forget_plans()
+            raise SaveFailedError(
+                f"{self.path}: the ranks' plan caches disagree (a rank restarted?); nothing "
+                f"was written. Retry the save: it plans from scratch.")
         delta, metadata = super().create_global_plan(all_plans)
         full = getattr(self, "global_plan", None) or delta
+        # DCP sends "unchanged" when the global plan equals its cache, even to a rank
+        # that sent its full plan and so has no final plan cached (an earlier save
+        # failed between caching on the coordinator and finishing on the rank).
+        delta = [f if (a.usable and not d.usable) else d
+                 for a, d, f in zip(all_plans, delta, full)]
         # An empty "unchanged" plan tells the storage writer how many items it stands for.
         delta = [d if d.usable else dataclasses.replace(d, planner_data=CachedPlan(len(f.items)))
                  for d, f in zip(delta, full)]
