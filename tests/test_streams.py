@@ -179,7 +179,8 @@ def test_probe_choice_and_cache(tmp_path, monkeypatch):
                         lambda d, n, nbytes=MB: calls.append(n) or real(d, n, MB))
     a = probe.storage_profile(str(tmp_path))
     b = probe.storage_profile(str(tmp_path))
-    assert a == b and calls == list(probe.CANDIDATES) and a.write_bps > 0
+    # 1 and 2 are always measured, 4 only if 2 beat 1; once per filesystem.
+    assert a == b and calls[:2] == [1, 2] and len(calls) in (2, 3) and a.write_bps > 0
     assert os.listdir(tmp_path) == []  # the scratch file is gone
     monkeypatch.setenv("SHARDCKPT_STREAMS", "3")
     assert probe.storage_profile(str(tmp_path)).streams == 3

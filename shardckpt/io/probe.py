@@ -103,7 +103,11 @@ def storage_profile(directory: str) -> StorageProfile:
         prof = _profiles.get(dev)
         if prof is None:
             try:
-                rates = {n: measure_write(directory, n) for n in CANDIDATES}
+                rates: dict[int, float] = {}
+                for n in CANDIDATES:
+                    rates[n] = measure_write(directory, n)
+                    if choose_streams(rates) != n:
+                        break  # more streams did not help: more still will not
             except OSError:
                 # A full or read-only disk fails the save itself with a typed error
                 # naming the checkpoint; the probe must not be what reports it.
