@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from ..format import Block
 from ..format import blocks as geo
 
@@ -65,9 +67,10 @@ class _Range:
 
     def __init__(self, f: Any, offset: int, length: int, pool: ThreadPoolExecutor) -> None:
         n = max(0, min(length, f.size - offset))  # never past the end: the codec reports that
-        self.buf = bytearray(n)
+        # Uninitialized (bytearray(n) would zero every page before the read fills it).
+        self.buf = np.empty(n, dtype=np.uint8)
         self.futures: list[Future] = []
-        view = memoryview(self.buf)
+        view = memoryview(self.buf).cast("B")
         for a in range(0, n, _STREAM_PIECE):
             self.futures.append(pool.submit(_read_piece, f, view[a:a + _STREAM_PIECE],
                                             offset + a))
@@ -79,7 +82,7 @@ class _Range:
             got += n
             if n < want:  # shorter than fstat said (truncated under us): up to there
                 break
-        return memoryview(self.buf)[:got]
+        return memoryview(self.buf).cast("B")[:got]
 
 
 def _read_piece(f: Any, view: memoryview, offset: int) -> tuple[int, int]:
