@@ -127,7 +127,8 @@ class ShardWriter(StorageWriter):
                     yield tensor_bytes(data), group_size(data.dtype)
 
         sink = open_sink(info.staging, rel, rank=info.rank)
-        with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank) as out:
+        with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
+                            adaptive=True) as out:
             records = out.append_many(payloads())
         stats = out.codec_summary()
         rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,

@@ -104,8 +104,8 @@ class DataFileWriter:
     """Appends encoded items to one data file (a path, or any DataSink) and makes it
     durable on close.
 
-    `adaptive` (default: on with zstd) decides per item between compressing and
-    storing raw; `storage_bps` is the sink's expected rate (the filesystem probe's),
+    `adaptive` (default: on for a sink, off for a path) decides per item between
+    compressing and storing raw (only with compression="zstd"); `storage_bps` is the sink's expected rate (the filesystem probe's),
     measured from then on. `policy` holds the decisions made (manifest codec field).
     """
 
@@ -123,7 +123,9 @@ class DataFileWriter:
         self.raw_bytes = 0
         self._queued = 0
         self._raw_cfg = replace(cfg, compression="none")
-        adaptive = cfg.compression == "zstd" if adaptive is None else adaptive
+        # A caller that names a path (tools: reshard) records cfg.to_json() as what ran,
+        # so it gets what it asked for unless it opts in; ShardWriter opts in.
+        adaptive = not isinstance(target, str) if adaptive is None else adaptive
         if storage_bps is None:
             storage_bps = getattr(self.sink, "expected_bps", None)
         self.policy: CompressionPolicy | None = (

@@ -55,7 +55,7 @@ class LocalSink:
         self.offset = 0
         # O_NOFOLLOW: the staging directory is ours; a link planted in it is not.
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                           | os.O_NOFOLLOW, 0o644)
+                           | os.O_NOFOLLOW, 0o666)  # the umask decides, as for open()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._room_mib = max(2, self.streams * _INFLIGHT_PER_STREAM >> 20)
         self._room = threading.Semaphore(self._room_mib)
