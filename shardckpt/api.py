@@ -143,7 +143,8 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     try:
         with quiet_no_dist():
             md = dcp.save(state, storage_writer=writer, process_group=process_group,
-                          planner=SafeSavePlanner(path=os.fspath(path)))
+                          planner=SafeSavePlanner(path=os.fspath(path),
+                                                  process_group=process_group))
     except BaseException as e:
         writer.abort()
         err = typed_error(e, path=os.fspath(path), action="save")

@@ -21,8 +21,7 @@ import torch.multiprocessing as mp
 
 import shardckpt
 from shardckpt import format as fmt
-from shardckpt.io import commit
-from shardckpt.io import data_writer as storage
+from shardckpt.io import commit, sinks
 from shardckpt.io.fsutil import HOST, dir_size
 from shardckpt.io.reader import find_partials, read_manifest
 from shardckpt.manager import BEST_POINTER, LATEST_POINTER, CheckpointManager
@@ -221,15 +220,11 @@ def test_state_mismatch_is_raised_not_skipped(tmp_path):
 # ---------------------------------------------------------------- full disk
 
 
-class _FullDiskFile(io.FileIO):
-    """A data file on a disk that fills up after `budget` bytes."""
-
-    budget = 4000
-
-    def write(self, b) -> int:  # noqa: ANN001
-        if self.tell() + len(b) > self.budget:
-            raise OSError(errno.ENOSPC, "No space left on device", self.name)
-        return super().write(b)
+def _full_disk_pwrite(fd: int, data, offset: int) -> int:  # noqa: ANN001
+    """A data file on a disk that fills up after 4000 bytes."""
+    if offset + len(data) > 4000:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return os.pwrite(fd, data, offset)
 
 
 def _no_leftovers(root: Path, steps: list[int]) -> None:
@@ -241,8 +236,7 @@ def test_enospc_injected_mid_save(tmp_path, monkeypatch, where):
     mgr = _mgr(tmp_path, keep_last=3)
     mgr.save(1, W.make_state(1))
     if where == "data":
-        monkeypatch.setattr(storage, "open", lambda p, mode, **k: _FullDiskFile(p, mode),
-                            raising=False)
+        monkeypatch.setattr(sinks, "_pwrite", _full_disk_pwrite)
     else:
         real = commit.write_file_durable
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +12,18 @@ import torch
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
 
 from ..errors import (
     DtypeMismatchError,
     MissingKeysError,
+    SaveFailedError,
     ShapeMismatchError,
     UnexpectedKeysError,
     UnsafeObjectError,
@@ -29,14 +37,63 @@ def _fmt_keys(keys: list[str], limit: int = 8) -> str:
     return head + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedPlan:
+    """planner_data of a global plan DCP's cache sent empty: how many items it stands for."""
+
+    items: int
+
+
+def _group_key(process_group: Any) -> str:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return "local"
+    group = process_group if process_group is not None else dist.group.WORLD
+    return f"{getattr(group, 'group_name', '')}:{tuple(dist.get_process_group_ranks(group))}"
+
+
+def _same_properties(plan: SavePlan, cached: SavePlan) -> bool:
+    """What DCP's plan comparison leaves out: a dtype or requires_grad change (same shapes)
+    would otherwise reuse metadata that names the old dtype."""
+    if len(plan.items) != len(cached.items):
+        return False
+    for a, b in zip(plan.items, cached.items):
+        pa = a.tensor_data.properties if a.tensor_data else None
+        pb = b.tensor_data.properties if b.tensor_data else None
+        if (pa is None) != (pb is None) or (pa is not None and (
+                pa.dtype != pb.dtype or pa.requires_grad != pb.requires_grad)):
+            return False
+    return plan.planner_data == cached.planner_data
+
+
+def forget_plans() -> None:
+    """Drop every cached plan of SafeSavePlanner (all groups and threads)."""
+    for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans,
+                  SavePlanner._cached_global_plan, SavePlanner._cached_metadata,
+                  SavePlanner._cached_final_save_plan):
+        for k in [k for k in cache if k.startswith("SafeSavePlanner/")]:
+            del cache[k]
+
+
 class SafeSavePlanner(DefaultSavePlanner):
     """DCP's default save planner that refuses, before anything is written, a value
-    that would not load back: shardckpt loads objects under weights_only rules."""
+    that would not load back: shardckpt loads objects under weights_only rules.
 
-    def __init__(self, *, path: str = "") -> None:
-        super().__init__()
+    Plan caching (DCP's `enable_plan_caching`) is on: a repeated save of the same
+    structure sends empty plans instead of every rank's full plan. DCP keeps its
+    cache per planner class; ours is kept per process group and thread, so saves of
+    different groups, or a background save beside the training loop's, never
+    answer with each other's plans.
+    """
+
+    def __init__(self, *, path: str = "", process_group: Any = None,
+                 enable_plan_caching: bool = True) -> None:
+        super().__init__(enable_plan_caching=enable_plan_caching)
         self.path = path
         self._serialized: dict = {}
+        self._cached_plans_key = (f"{type(self).__name__}/{_group_key(process_group)}/"
+                                  f"{threading.current_thread().name}")
 
     def resolve_data(self, write_item: Any) -> Any:
         # Objects were serialized once for the check below; write those bytes.
@@ -44,7 +101,13 @@ class SafeSavePlanner(DefaultSavePlanner):
         return io.BytesIO(data) if data is not None else super().resolve_data(write_item)
 
     def create_local_plan(self) -> SavePlan:
-        plan = super().create_local_plan()
+        out = super().create_local_plan()
+        plan = self.plan  # the full local plan, also when DCP's cache says "unchanged"
+        if not out.usable:
+            cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
+            if cached is None or not _same_properties(plan, cached):
+                out = plan
+                self._pending_local_plan = plan  # promoted to DCP's cache by finish_plan
         self._serialized.clear()
         for item in plan.items:
             if item.type != WriteItemType.BYTE_IO:
@@ -61,7 +124,37 @@ class SafeSavePlanner(DefaultSavePlanner):
                     f"load under weights_only rules: tensors, int, float, str, bool, None, list, "
                     f"tuple, dict). Store plain values, or give the object state_dict() / "
                     f"load_state_dict(). Nothing was written.") from e
-        return plan
+        return out
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
+        key = self._cached_plans_key
+        if self._enable_plan_caching and key not in SavePlanner._cached_all_plans and any(
+                not p.usable for p in all_plans):
+            # A rank answered "unchanged" to a coordinator that has no plan to reuse:
+            # DCP would silently plan that rank as empty. Start over on every rank.
+            forget_plans()
+            raise SaveFailedError(
+                f"{self.path}: the ranks' plan caches disagree (a rank restarted?); nothing "
+                f"was written. Retry the save: it plans from scratch.")
+        delta, metadata = super().create_global_plan(all_plans)
+        full = getattr(self, "global_plan", None) or delta
+        # DCP sends "unchanged" when the global plan equals its cache, even to a rank
+        # that sent its full plan and so has no final plan cached (an earlier save
+        # failed between caching on the coordinator and finishing on the rank).
+        delta = [f if (a.usable and not d.usable) else d
+                 for a, d, f in zip(all_plans, delta, full)]
+        # An empty "unchanged" plan tells the storage writer how many items it stands for.
+        delta = [d if d.usable else dataclasses.replace(d, planner_data=CachedPlan(len(f.items)))
+                 for d, f in zip(delta, full)]
+        return delta, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        out = super().finish_plan(new_plan)
+        if not new_plan.usable and new_plan.storage_data is not None:
+            # The cached plan carries the storage data of the save it was made for
+            # (its staging directory); this save's arrived with the empty plan.
+            out = self.plan = dataclasses.replace(out, storage_data=new_plan.storage_data)
+        return out
 
 
 def key_hint(wanted: list[str], stored: list[str]) -> str:

@@ -110,6 +110,31 @@ class ShardReader(StorageReader):
         # SafeLoadPlanner checks objects under weights_only itself; any other
         # planner (plain dcp.load) may unpickle freely, so the reader checks first.
         check_here = not isinstance(planner, SafeLoadPlanner)
+        # Every read of the plan is known now: issue them ahead on parallel streams,
+        # so reading range k+1 overlaps decoding range k.
+        self.reader.prefetch(self._plan_reads(by_item))
+        try:
+            self._read_items(by_item, planner, check_here)
+        finally:
+            self.reader.stop_prefetch()
+
+    def _plan_reads(self, by_item: dict[MetadataIndex, list[ReadItem]]) -> list[Any]:
+        reads: list[Any] = []
+        for idx, ris in by_item.items():
+            ref = self.storage_data.get(idx)
+            if ref is None:
+                break  # reported by _read_items, after the reads before it
+            item = ref.item
+            if ris[0].type == LoadItemType.BYTE_IO or ref.dtype is None:
+                wanted = item.block_list()
+            else:
+                wanted = self.reader.region_blocks(
+                    item, ref.dtype, [(ri.storage_offsets, ri.lengths) for ri in ris])
+            reads.extend(self.reader.item_reads(item, wanted))
+        return reads
+
+    def _read_items(self, by_item: dict[MetadataIndex, list[ReadItem]], planner: LoadPlanner,
+                    check_here: bool) -> None:
         for idx, ris in by_item.items():
             ref = self.storage_data.get(idx)
             if ref is None:

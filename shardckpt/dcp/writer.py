@@ -1,8 +1,11 @@
 """`ShardWriter`: the DCP StorageWriter of shardckpt.
 
 `dcp.save(state, storage_writer=ShardWriter(path))` works directly. Each rank
-writes one data file of its own into a hidden staging directory; the
-coordinator assembles the manifest and commits it (io/commit.py).
+writes one data file of its own into a hidden staging directory (through a
+sink: io/sinks.open_sink, with parallel streams); the coordinator assembles the
+manifest and commits it (io/commit.py). Repeated saves of one structure work
+with DCP's plan caching (dcp/planner.SafeSavePlanner): a rank whose plan did
+not change gets an empty plan back, still carrying this save's staging dir.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class _RankPlan:
     rel: str = ""  # the data file's name (object stores: unique per save)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RankFileStats(RankFile):
+    """A RankFile plus what this rank's compression policy did (summed into the manifest)."""
+
+    items_compressed: int = 0
+    items_raw: int = 0
+
+
 class ShardWriter(StorageWriter):
     """Writes a shardckpt checkpoint; one data file per rank, atomic commit by the coordinator."""
 
@@ -57,6 +68,7 @@ class ShardWriter(StorageWriter):
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
         self._plans: list[SavePlan] = []
+        self._expected: dict[int, int | None] = {}
         self._commit: CheckpointWrite | None = None
 
     # -- StorageWriter protocol
@@ -85,6 +97,10 @@ class ShardWriter(StorageWriter):
         self._commit = storage_for(self.path, self.storage_options).begin_commit(
             self.path, overwrite=self.overwrite, save_id=self.save_id, world_size=len(plans))
         c = self._commit
+        # An unusable plan is DCP's plan cache saying "as last time": the planner tells
+        # how many items that is; every plan (empty ones too) carries the staging dir.
+        self._expected = {i: len(p.items) if p.usable else getattr(p.planner_data, "items", None)
+                          for i, p in enumerate(plans)}
         self._plans = [dataclasses.replace(p, storage_data=_RankPlan(c.staging, i, c.data_name(i)))
                        for i, p in enumerate(plans)]
         return self._plans
@@ -114,11 +130,14 @@ class ShardWriter(StorageWriter):
                     yield tensor_bytes(data), group_size(data.dtype)
 
         path = join(info.staging, rel)
-        sink = (storage_for(path, self.storage_options).open_sink(path, info.rank)
-                if is_url(path) else None)
-        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank, sink=sink) as out:
+        sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
+        with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
+                            adaptive=True) as out:
             records = out.append_many(payloads())
-        rf = RankFile(file=rel, rank=info.rank, size=out.size, crc32=out.crc)
+        stats = out.codec_summary()
+        rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,
+                            items_compressed=stats.get("items_compressed", 0),
+                            items_raw=stats.get("items_raw", 0))
         log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
                   out.size, time.perf_counter() - t0)
         return [WriteResult(index=item.index, size_in_bytes=rec.length, storage_data=(rec, rf))
@@ -128,9 +147,12 @@ class ShardWriter(StorageWriter):
         final = norm_path(self.path)
         if self._commit is None:
             raise SaveFailedError(f"{final}: finish() without a prepared plan")
-        expected = {i: len(p.items) for i, p in enumerate(self._plans)}
+        # A count unknown (another planner's cache) is checked by the manifest's
+        # completeness check: every chunk of the metadata must have been written.
+        expected = {i: n if n is not None else len(results[i]) if i < len(results) else 0
+                    for i, n in self._expected.items()}
         manifest = manifest_from_results(
-            metadata, results, expected, final=final, codec=self.cfg.to_json(),
+            metadata, results, expected, final=final, codec=self._codec_json(results),
             user_metadata=self.user_metadata, versions=runtime_versions())
         staging = self._commit.staging
         for rel, fi in manifest.files.items():
@@ -154,6 +176,20 @@ class ShardWriter(StorageWriter):
             "bytes_written": sum(f.size for f in manifest.files.values()) + commit.manifest_bytes,
             "bytes_logical": sum(c.nbytes for t in manifest.tensors.values() for c in t.chunks)
             + sum(o.nbytes for o in manifest.objects.values())}
+
+    def _codec_json(self, results: list[list[WriteResult]]) -> dict:
+        out = self.cfg.to_json()
+        if self.cfg.compression != "zstd":
+            return out
+        done = {0: 0, 1: 0}
+        for res in results:
+            rf = res[0].storage_data[1] if res else None
+            if isinstance(rf, _RankFileStats):
+                done[0] += rf.items_compressed
+                done[1] += rf.items_raw
+        # Readers ignore these fields: each block record says how it was stored.
+        out.update(adaptive=True, items_compressed=done[0], items_raw=done[1])
+        return out
 
     def abort(self) -> None:
         """Remove this save's staging directory (called by shardckpt.save on failure)."""

@@ -1,7 +1,11 @@
-"""The data-file writer: encoded items appended to one file, then fsynced.
+"""The data-file writer: encoded items appended to one data file through a sink.
 
-Encoding (on the codec pool) overlaps with writing (on a writer thread); the
-whole-file crc32 is computed on the write pass, so no byte is read twice.
+Encoding (on the codec pool) overlaps with writing (a writer thread feeds the
+sink, which writes with parallel streams); the whole-file crc32 is combined from
+the blocks' crc32s and the size counted on the write pass, so no byte is read
+again and every sink gets them.
+With compression="zstd" each item is compressed or stored raw, whichever the
+measured encode and storage rates say is faster (io/policy.py).
 """
 
 from __future__ import annotations
@@ -9,23 +13,26 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import zlib
+import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future as Future_
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from .. import codec
-from ..errors import InsufficientSpaceError, SaveFailedError
 from ..format import StoredItem
-from .fsutil import typed_os_error
+from .policy import CompressionPolicy
+from .sinks import DataSink, final_of_staged, open_sink, typed_write_error
 
-# How many encoded bytes may wait for the writer thread before encoding pauses.
-_WRITE_QUEUE_BYTES = 256 << 20
-# Bytes written between background fdatasync calls of a data file.
-_SYNC_EVERY = 64 << 20
+__all__ = ["DataFileWriter", "tensor_bytes", "typed_write_error", "final_of_staged"]
+
+# How many encoded bytes may wait for the writer thread before encoding pauses. It
+# is also how far ahead of the measured storage rate the compression policy decides:
+# enough to keep the sink's streams fed, not so much that a slow disk is noticed late.
+_WRITE_QUEUE_BYTES = 64 << 20
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -39,69 +46,145 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
+# crc32_combine, as zlib computes it (crc32.c: multmodp / x2nmodp). Python's zlib
+# does not expose it; with it the whole-file crc32 follows from the blocks' own
+# crc32s (the codec computed them over the same stored bytes), so the writer
+# never reads the data again. ~5 us per block with the per-length cache.
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _x2n_table() -> list[int]:
+    out, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        out.append(p)
+        p = _multmodp(p, p)
+    return out
+
+
+_X2N = _x2n_table()
+_shift_ops: dict[int, int] = {}
+
+
+def _shift_op(nbytes: int) -> int:
+    """x^(8 * nbytes) mod P: what appending nbytes does to a crc."""
+    op = _shift_ops.get(nbytes)
+    if op is None:
+        op, n, k = 1 << 31, nbytes, 3
+        while n:
+            if n & 1:
+                op = _multmodp(_X2N[k & 31], op)
+            n >>= 1
+            k += 1
+        if len(_shift_ops) < 4096:
+            _shift_ops[nbytes] = op
+    return op
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32 of A + B from crc32(A), crc32(B) and len(B)."""
+    return _multmodp(_shift_op(len2), crc1) ^ crc2 if len2 else crc1
+
+
+def _local_sink(path: str, rank: int | None) -> DataSink:
+    return open_sink(os.path.dirname(path) or ".", os.path.basename(path), rank=rank)
+
 
 class DataFileWriter:
-    """Appends encoded items to one data file and fsyncs it on close.
+    """Appends encoded items to one data file (a path, or any DataSink) and makes it
+    durable on close.
 
-    Encoding (on the codec pool) overlaps with writing (on a writer thread); the
-    whole-file crc32 is computed on the write pass, so no byte is read twice.
+    `adaptive` (default: on for a sink, off for a path) decides per item between
+    compressing and storing raw (only with compression="zstd"); `storage_bps` is the sink's expected rate (the filesystem probe's),
+    measured from then on. `policy` holds the decisions made (manifest codec field).
     """
 
-    def __init__(self, path: str, rel: str, cfg: codec.CodecConfig, threads: int | None = None,
-                 rank: int | None = None, sink: Any = None) -> None:
-        self.path = path
-        # A DataSink (io/storage.py; object stores) instead of a local file.
-        self._sink = sink
+    def __init__(self, target: str | DataSink, rel: str, cfg: codec.CodecConfig,
+                 threads: int | None = None, rank: int | None = None, *,
+                 adaptive: bool | None = None, storage_bps: float | None = None) -> None:
+        self.sink: DataSink = _local_sink(target, rank) if isinstance(target, str) else target
+        self.path = self.sink.name
         self.rel = rel
         self.rank = rank
         self.cfg = cfg
         self.threads = threads
         self.size = 0
-        self._synced = 0
         self.crc = 0
         self.raw_bytes = 0
         self._queued = 0
-        self._f = open(path, "wb", buffering=0) if sink is None else None  # noqa: SIM115
+        self._raw_cfg = replace(cfg, compression="none")
+        # A caller that names a path (tools: reshard) records cfg.to_json() as what ran,
+        # so it gets what it asked for unless it opts in; ShardWriter opts in.
+        adaptive = not isinstance(target, str) if adaptive is None else adaptive
+        if storage_bps is None:
+            storage_bps = getattr(self.sink, "expected_bps", None)
+        self.policy: CompressionPolicy | None = (
+            CompressionPolicy(threads or codec.default_threads(), storage_bps)
+            if adaptive and cfg.compression == "zstd" else None)
+        self._active = 0  # encoder threads busy now (to share CPU time between items)
+        self._active_lock = threading.Lock()
         self._q: queue.Queue = queue.Queue()
         self._budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // cfg.block_size))
         self._err: list[BaseException] = []
+        self._closed = False
         self._th = threading.Thread(target=self._drain, name="shardckpt-writer", daemon=True)
         self._th.start()
 
     def _drain(self) -> None:
         while True:
-            blob = self._q.get()
-            if blob is None:
+            job = self._q.get()
+            if job is None:
                 return
+            blob, crc = job
             try:
-                if not self._err and self._sink is not None:
-                    self._sink.write(memoryview(blob))
-                    self.crc = zlib.crc32(blob, self.crc)
+                if not self._err:
+                    t0 = time.perf_counter()
+                    self.sink.write(memoryview(blob))
+                    if self.policy is not None:
+                        self.policy.observe_write(len(blob), time.perf_counter() - t0)
+                    self.crc = crc32_combine(self.crc, crc, len(blob))
                     self.size += len(blob)
-                elif not self._err:
-                    # An unbuffered write may be short (disk filling up); the retry
-                    # then raises ENOSPC instead of leaving a silently short file.
-                    view = memoryview(blob)
-                    while view:
-                        n = self._f.write(view)
-                        if not n:
-                            raise OSError(f"write to {self._f.name} made no progress")
-                        view = view[n:]
-                    self.crc = zlib.crc32(blob, self.crc)
-                    self.size += len(blob)
-                    if self.size - self._synced >= _SYNC_EVERY:
-                        # Flush while the encoder keeps going, so the final fsync
-                        # only waits for the tail instead of the whole file.
-                        os.fdatasync(self._f.fileno())
-                        self._synced = self.size
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 self._err.append(e)
             finally:
                 self._budget.release()
 
+    def _encode(self, raw: memoryview, group: int, inner: int) -> list[tuple[bytes, list]]:
+        """Encode one item with the codec settings the policy picks, timing it for the policy."""
+        pol = self.policy
+        compress = self.cfg.compression == "zstd" and (pol is None or pol.choose())
+        cfg = self.cfg if compress else self._raw_cfg
+        if pol is None:
+            return codec.encode_buffer(raw, group, cfg, inner)
+        budget = self.threads or codec.default_threads()
+        with self._active_lock:
+            self._active += inner
+            share = min(1.0, budget / self._active)
+        t0 = time.perf_counter()
+        try:
+            blocks = codec.encode_buffer(raw, group, cfg, inner)
+        finally:
+            with self._active_lock:
+                self._active -= inner
+        # Items encoded at once share the CPUs: count each its share of thread time.
+        thread_s = (time.perf_counter() - t0) * inner * share
+        pol.observe_encode(len(raw), sum(len(b) for b, _ in blocks), thread_s, compress)
+        return blocks
+
     def append(self, raw: memoryview, group: int) -> StoredItem:
         """Encode and queue one item; returns its storage record (offset, blocks, ...)."""
-        return self._queue(codec.encode_buffer(raw, group, self.cfg, self.threads), len(raw))
+        return self._queue(self._encode(raw, group, self.threads or codec.default_threads()),
+                           len(raw))
 
     def append_many(self, items: Iterable[tuple[memoryview, int]]) -> list[StoredItem]:
         """Encode several items at once (small ones in parallel), write them in order.
@@ -116,7 +199,7 @@ class DataFileWriter:
         out: list[StoredItem] = []
         for raw, group in items:
             inner = 1 if len(raw) <= self.cfg.block_size else threads
-            window.append((len(raw), ex.submit(codec.encode_buffer, raw, group, self.cfg, inner)))
+            window.append((len(raw), ex.submit(self._encode, raw, group, inner)))
             ahead += len(raw)
             while len(window) > 2 * threads or ahead > _WRITE_QUEUE_BYTES:
                 n, fut = window.popleft()
@@ -134,38 +217,31 @@ class DataFileWriter:
             self._budget.acquire()
             if self._err:
                 raise self._error()
-            self._q.put(stored)
+            self._q.put((stored, rec[2]))  # rec[2]: the block's crc32 of its stored bytes
             self._queued += len(stored)
             recs.append(rec)
         self.raw_bytes += nbytes
         return StoredItem(file=self.rel, offset=offset, length=self._queued - offset,
                           nbytes=nbytes, blocks=tuple(recs))
 
+    def codec_summary(self) -> dict:
+        """What the compression policy did, for the manifest's codec settings."""
+        return {} if self.policy is None else self.policy.summary()
+
     def close(self) -> None:
-        if self._sink is not None:
-            return self._close_sink()
-        if self._f.closed:
+        """Wait for every byte to be written and durable; typed errors name the file."""
+        if self._closed:
             return
+        self._closed = True
         self._q.put(None)
         self._th.join()
+        if self._err:
+            self.sink.abort()
+            raise self._error()
         try:
-            if not self._err:
-                os.fsync(self._f.fileno())
-        except OSError as e:
-            self._err.append(e)
-        finally:
-            self._f.close()
-        if self._err:
-            raise self._error()
-
-    def _close_sink(self) -> None:
-        if self._th.is_alive():
-            self._q.put(None)
-            self._th.join()
-        if self._err:
-            self._sink.abort()
-            raise self._error()
-        self._sink.close()
+            self.sink.close()
+        except BaseException as e:
+            raise typed_write_error(e, self.path, self.rank) from None
 
     def _error(self) -> BaseException:
         return typed_write_error(self._err[0], self.path, self.rank)
@@ -176,36 +252,8 @@ class DataFileWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        else:  # the caller's error wins; stop the writer without masking it
+        elif not self._closed:  # the caller's error wins; stop the writer without masking it
+            self._closed = True
             self._q.put(None)
             self._th.join()
-            if self._sink is not None:
-                self._sink.abort()
-            else:
-                self._f.close()
-
-
-def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseException:
-    """An OSError of a data-file write as a typed error naming the file and rank."""
-    if not isinstance(e, OSError) or isinstance(e, (InsufficientSpaceError, SaveFailedError)):
-        return e
-    who = f"{path} (rank {rank})" if rank is not None else path
-    final = final_of_staged(path)
-    if final is not None:
-        who = f"{final}: {who}"
-    return typed_os_error(e, who, "writing the checkpoint")
-
-
-def final_of_staged(path: str) -> str | None:
-    """The checkpoint a file in a staging directory (.NAME.partial-<hex>/...) belongs to."""
-    from ..format.names import Leftover, parse_leftover
-
-    d = os.path.abspath(path)
-    while True:
-        parent, base = os.path.split(d)
-        if not base:
-            return None
-        p = parse_leftover(base)
-        if p is not None and p[1] == Leftover.PARTIAL:
-            return os.path.join(parent, p[0])
-        d = parent
+            self.sink.abort()

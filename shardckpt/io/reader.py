@@ -27,6 +27,7 @@ from ..format import blocks as geo
 from ..format.dtypes import dtype_from_name
 from ..format.keys import KeyMap
 from ..format.names import MANIFEST_NAME, Leftover, parse_leftover
+from .prefetch import Key, Prefetcher, read_pieces
 from .storage import OpenCheckpoint, storage_for
 
 
@@ -142,9 +143,33 @@ class CheckpointReader:
         self.stored_manifest = stored
         self.manifest = stored if key_map is None else stored.renamed(key_map)
         self.bytes_read = 0
+        self._prefetch: Prefetcher | None = None
 
     def close(self) -> None:
+        self.stop_prefetch()
         self._ckpt.close()
+
+    # ---------------------------------------------------------------- read-ahead
+
+    def item_reads(self, item: StoredItem, wanted: Sequence[Block]) -> list[Key]:
+        """The reads `read_blocks` will make for `wanted` blocks of `item`, in order."""
+        chosen = sorted(wanted, key=lambda b: b.raw_start)
+        return [(item.file, off, length) for off, length, _ in read_pieces(chosen)]
+
+    def prefetch(self, reads: Sequence[Key], streams: int | None = None) -> None:
+        """Read `reads` ahead on parallel streams, in this order (the order the load will
+        ask for them); anything asked for that was not prefetched is read directly."""
+        from .probe import READ_STREAMS, _env_streams
+
+        self.stop_prefetch()
+        if reads:
+            n = streams or _env_streams() or READ_STREAMS
+            self._prefetch = Prefetcher(self._ckpt.open_data, reads, n)
+
+    def stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
 
     def remap(self, key_map: KeyMap) -> None:
         """Use `key_map` (checkpoint key -> caller's key) from now on."""
@@ -176,13 +201,8 @@ class CheckpointReader:
         if all(s is None for s in spans):
             return [None] * len(boxes)
         blocks = chunk.block_list()
-        need: dict[int, Block] = {}
-        for (so, ln), span in zip(boxes, spans):
-            if span is not None:
-                starts, run = geo.box_runs(list(so), list(ln), sizes)
-                for b in geo.blocks_for_runs(blocks, starts * esize, run * esize):
-                    need[b.offset] = b
-        buf, base = self.read_blocks(fqn, chunk, blocks, list(need.values()))
+        buf, base = self.read_blocks(fqn, chunk, blocks,
+                                     self.region_blocks(chunk, dtype, boxes, blocks))
         strides = geo.row_major_strides(sizes)
         out: list[torch.Tensor | None] = []
         for (_, ln), span in zip(boxes, spans):
@@ -193,6 +213,21 @@ class CheckpointReader:
             # as_strided's offset is absolute in the storage, not relative to the view
             out.append(src.as_strided(list(ln), strides, src.storage_offset()))
         return out
+
+    def region_blocks(self, chunk: Any, dtype: torch.dtype,
+                      boxes: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      blocks: list[Block] | None = None) -> list[Block]:
+        """The blocks of a stored chunk under boxes (offsets, lengths within it)."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        sizes = list(chunk.sizes)
+        blocks = chunk.block_list() if blocks is None else blocks
+        need: dict[int, Block] = {}
+        for so, ln in boxes:
+            if geo.box_span_bytes(so, ln, sizes, esize) is not None:
+                starts, run = geo.box_runs(list(so), list(ln), sizes)
+                for b in geo.blocks_for_runs(blocks, starts * esize, run * esize):
+                    need[b.offset] = b
+        return list(need.values())
 
     def read_region(self, fqn: str, offsets: Sequence[int] | None = None,
                     sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -273,10 +308,11 @@ class CheckpointReader:
                 f"{path} (rank {rank}): cannot read the data file ({e.strerror}), needed for "
                 f"{fqn!r}.", path=path, rank=rank, tensor=fqn) from None
         index_of = {b.offset: i for i, b in enumerate(blocks)}
-        for off, length, run in geo.coalesce(chosen):
+        for off, length, run in read_pieces(chosen):
+            got = self._prefetch.take((item.file, off, length)) if self._prefetch else None
             # Never ask for more than the file holds: a short read is reported as
             # truncation of the block that runs past the end, by the codec.
-            data = f.pread(max(0, min(length, f.size - off)), off)
+            data = got if got is not None else f.pread(max(0, min(length, f.size - off)), off)
             self.bytes_read += len(data)
             first = run[0]
             raw_end = run[-1].raw_start + run[-1].raw_len

@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import stat
+import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 from ..errors import CorruptCheckpointError
 from ..format.names import MANIFEST_NAME, PARTIAL_MARKER, DirState
+from .sinks import DataSink
 
 # A manifest larger than this is not one shardckpt wrote (1M tensors of 4 chunks
 # is ~600 MB of JSON); refusing it keeps a hostile file from exhausting memory.
@@ -42,19 +44,6 @@ class OpenCheckpoint(Protocol):
     def open_data(self, rel: str) -> RangeFile: ...
     def replaced(self) -> bool: ...
     def close(self) -> None: ...
-
-
-class DataSink(Protocol):
-    """Where one data file's bytes go. `write` is called from one thread, with consecutive ranges
-    starting at 0; the sink may write them concurrently (streams, upload parts) and may block for
-    back-pressure. `close` returns only when every byte is durable (fsync / upload completed) and
-    raises a typed error naming the file otherwise. `abort` discards what was written, never raises."""
-
-    name: str
-
-    def write(self, data: memoryview) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 class CheckpointWrite(Protocol):
@@ -115,6 +104,8 @@ class LocalFile:
         self.fd = fd
         self.path = path
         self.size = os.fstat(fd).st_size
+        self._stream_fds: dict[int, int] = {}
+        self._lock = threading.Lock()
 
     def pread(self, length: int, offset: int) -> bytes:
         # One descriptor serves every read of a load, in the planner's order rather
@@ -135,7 +126,40 @@ class LocalFile:
         finally:
             os.close(fd)
 
+    def _stream_fd(self) -> int:
+        """This thread's own open file description of the inode (see pread): a read-ahead
+        stream reads its pieces in order, and keeps the kernel's readahead state to
+        itself. Reopening for every read instead costs 25 % on a cold 256 MB read
+        (measured: 2.2 against 3.0 GB/s)."""
+        tid = threading.get_ident()
+        with self._lock:
+            fd = self._stream_fds.get(tid)
+            if fd is None:
+                try:
+                    fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:  # no /proc: the shared descriptor
+                    fd = self.fd
+                self._stream_fds[tid] = fd
+            return fd
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Read into `buf` from `offset` (parallel loads: no copy out of a bytes object);
+        returns the bytes read, fewer only at the end of the file."""
+        fd = self._stream_fd()
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n <= 0:
+                break
+            got += n
+        return got
+
     def close(self) -> None:
+        with self._lock:
+            for fd in self._stream_fds.values():
+                if fd != self.fd:
+                    os.close(fd)
+            self._stream_fds.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -255,7 +279,9 @@ class LocalStorage:
         return Commit.create(final, overwrite=overwrite, save_id=save_id, world_size=world_size)
 
     def open_sink(self, path: str, rank: int | None = None) -> DataSink:
-        raise NotImplementedError("local data files are written by DataFileWriter(path)")
+        from .sinks import open_sink
+
+        return open_sink(os.path.dirname(path) or ".", os.path.basename(path), rank=rank)
 
     def children(self, root: str) -> list[tuple[str, bool]]:
         try:

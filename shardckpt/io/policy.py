@@ -1,0 +1,130 @@
+"""Compress an item or store it raw: whichever the measured rates say finishes sooner.
+
+A save is a pipeline: the codec pool encodes, the sink writes. Per raw byte,
+compressing costs max(1/C, rho/D) and storing raw costs max(1/R, 1/D), where C
+and R are the pool's encode rates (zstd, raw copy+crc), rho the compression
+ratio and D the storage rate in stored bytes/s. While the storage is the
+bottleneck (C > D) compression is free and writes fewer bytes; when the
+encoder is (two cores, a fast disk), raw is faster. Every rate is measured on
+this save's own items; D starts from the filesystem probe and is then measured
+from the time the writer spends blocked in the sink, which is the storage's
+real pace only while it is the bottleneck (otherwise D reads high and raw is
+chosen, which is then right). Decisions are per item; the codec still stores
+incompressible planes raw inside a compressed item.
+"""
+
+from __future__ import annotations
+
+import threading
+
+# Weight of a new observation in the moving averages.
+_ALPHA = 0.3
+# Writes are judged over windows at least this large: one block's write time says
+# little (page cache), a window's includes the fdatasyncs.
+WINDOW_BYTES = 16 << 20
+# Encode rates are taken over windows of at least this many raw bytes.
+ENCODE_WINDOW = 4 << 20
+# After this many raw items in a row one item is compressed again, so a changed
+# encoder or storage rate (another job on the disk) is noticed.
+REPROBE_EVERY = 16
+# Compression must be predicted at least this much slower before raw is chosen:
+# equal predictions favour fewer bytes on disk.
+_TOLERANCE = 1.05
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else old + _ALPHA * (new - old)
+
+
+def _ewma_rate(old: float | None, new: float) -> float:
+    # Averaged as seconds per byte: what the predictions add up. Averaging rates
+    # themselves lets one huge reading (a write into the page cache) dominate.
+    return new if old is None else 1.0 / _ewma(1.0 / old, 1.0 / new)
+
+
+class CompressionPolicy:
+    """Thread-safe: encode observations arrive from the codec pool, write ones from the
+    writer thread, decisions are made by the submitting thread."""
+
+    def __init__(self, threads: int, storage_bps: float | None = None) -> None:
+        self.threads = max(1, threads)
+        self.storage_bps = storage_bps       # D, stored bytes/s
+        self.zstd_bps: float | None = None   # C per encoder thread, raw bytes/s
+        self.raw_bps: float | None = None    # R per encoder thread
+        self.ratio: float | None = None      # rho = stored / raw of compressed items
+        self.compressed = 0
+        self.raw = 0
+        self._raw_run = 0
+        self._win_bytes = 0
+        self._win_s = 0.0
+        self._d_measured = False
+        self._enc: dict[bool, list] = {True: [0, 0, 0.0], False: [0, 0, 0.0]}
+        self._lock = threading.Lock()
+
+    def observe_encode(self, raw_n: int, stored_n: int, thread_s: float, compressed: bool) -> None:
+        """One item encoded: `thread_s` is wall seconds times the threads it ran on.
+
+        Items are summed into windows of ENCODE_WINDOW raw bytes before a rate is
+        taken: a 4-byte tensor's rate is all per-call overhead, and averaging
+        per-item rates would let it count as much as a 40 MB embedding.
+        """
+        if raw_n <= 0 or thread_s <= 0:
+            return
+        with self._lock:
+            w = self._enc[compressed]
+            w[0] += raw_n
+            w[1] += stored_n
+            w[2] += thread_s
+            if w[0] < ENCODE_WINDOW:
+                return
+            if compressed:
+                self.zstd_bps = _ewma_rate(self.zstd_bps, w[0] / w[2])
+                self.ratio = _ewma(self.ratio, w[1] / w[0])
+            else:
+                self.raw_bps = _ewma_rate(self.raw_bps, w[0] / w[2])
+            self._enc[compressed] = [0, 0, 0.0]
+
+    def observe_write(self, stored_n: int, seconds: float) -> None:
+        """`stored_n` bytes accepted by the sink after `seconds` blocked in it."""
+        with self._lock:
+            self._win_bytes += stored_n
+            self._win_s += seconds
+            if self._win_bytes >= WINDOW_BYTES:
+                rate = self._win_bytes / max(self._win_s, 1e-9)
+                # The first measurement replaces the prior: that was only a guess.
+                self.storage_bps = _ewma_rate(self.storage_bps if self._d_measured else None,
+                                              rate)
+                self._d_measured = True
+                self._win_bytes, self._win_s = 0, 0.0
+
+    def predicted(self) -> tuple[float, float] | None:
+        """Seconds per raw byte of (compressing, storing raw), or None before any measurement."""
+        d = self.storage_bps
+        if self.zstd_bps is None or self.ratio is None or d is None:
+            return None
+        t = self.threads
+        per_z = 1.0 / (self.zstd_bps * t)
+        # Until a raw item was measured its encode (copy + crc32) is taken as free,
+        # which favours raw only where the storage is not the bottleneck anyway.
+        per_r = 0.0 if self.raw_bps is None else 1.0 / (self.raw_bps * t)
+        return max(per_z, self.ratio / d), max(per_r, 1.0 / d)
+
+    def choose(self) -> bool:
+        """True: compress the next item; False: store it raw."""
+        with self._lock:
+            p = self.predicted()
+            if p is None or self._raw_run >= REPROBE_EVERY:
+                compress = True
+            else:
+                compress = p[0] <= p[1] * _TOLERANCE
+            if compress:
+                self.compressed += 1
+                self._raw_run = 0
+            else:
+                self.raw += 1
+                self._raw_run += 1
+            return compress
+
+    def summary(self) -> dict:
+        """What ran, for the manifest's codec settings."""
+        return {"items_compressed": self.compressed, "items_raw": self.raw}
