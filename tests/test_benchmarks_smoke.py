@@ -98,3 +98,43 @@ def test_compare_quick(tmp_path: Path) -> None:
     except ImportError:
         return
     assert png.stat().st_size > 10_000
+
+
+OBJECT_STORE_TOOLS = ["shardckpt (zstd)", "shardckpt (none)", "DCP+s3fs t=1",
+                      "s3torchconnector t=1"]
+
+
+def test_object_store_quick(tmp_path: Path) -> None:
+    """object_store.py against its own moto server, 1 process: every tool either measured (its
+    load checked bitwise, a mismatch fails the run) or reported as not run, with the reason."""
+    import pytest
+
+    pytest.importorskip("moto")
+    pytest.importorskip("boto3")
+    out = tmp_path / "object_store.json"
+    # 16 MB, not --quick's 64: moto reads a whole object for every ranged GET.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "object_store.py"), "--quick",
+         "--size-gb", "0.016", "--worlds", "1", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["reps"] == 1 and doc["server"]["endpoint"].startswith("http://127.0.0.1:")
+    (r,) = doc["results"]
+    assert r["world"] == 1 and 0.01e9 < r["logical_bytes"] < 0.03e9
+    tools, skipped = r["tools"], doc["skipped"]
+    for name in OBJECT_STORE_TOOLS:
+        assert (name in tools) != (name in skipped), name
+        if name in skipped:
+            assert skipped[name] and f"{name}" in proc.stdout, name
+            continue
+        t = tools[name]
+        for op in ("save", "load"):
+            assert t[f"{op}_s"]["min"] > 0 and t[f"{op}_gbps"]["median"] > 0, name
+        assert t["stored_bytes"] > 0, name
+    assert tools["shardckpt (zstd)"]["stored_ratio"] < 0.98  # compressed on the wire
+    assert tools["shardckpt (none)"]["stored_ratio"] >= 1.0
+    if doc["results"][0]["best_competitor"]["save"] is not None:
+        best = r["best_competitor"]["save"]
+        assert tools[best]["save_vs_best_competitor"]["median"] == 1.0

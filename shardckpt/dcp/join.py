@@ -21,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..errors import CollectiveTimeoutError, LoadFailedError
+from ..io.storage import norm_path
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SHARDCKPT_JOIN_TIMEOUT", "600"))
 
@@ -86,7 +87,9 @@ def join(process_group: Any, *, what: str, path: str, timeout: float | None,
     tag = hashlib.sha1(name.encode()).hexdigest()[:12]
     base = f"shardckpt/join/{tag}/{seq}"
     store = _store(group)
-    me = value if value is not None else f"{what} {os.path.abspath(path)}"
+    # norm_path, not abspath: a URL made absolute would carry each rank's cwd, and
+    # ranks on different nodes (different cwds) would never agree on it.
+    me = value if value is not None else f"{what} {norm_path(path)}"
     store.set(f"{base}/r{rank}", me)
     if store.add(f"{base}/n", 1) == world:
         store.set(f"{base}/done", "1")

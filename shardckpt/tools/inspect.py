@@ -14,6 +14,7 @@ import torch
 from ..format import dtype_from_name
 from ..io.fsutil import dir_size
 from ..io.reader import CheckpointReader
+from ..io.storage import norm_path
 from .report import human_bytes as _human
 from .report import plural, refuse_special
 
@@ -106,7 +107,7 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         if len(cands) == 1:
             step = reader.read_object(cands[0])
     return {
-        "path": os.path.abspath(reader.path),
+        "path": norm_path(reader.path),
         "step": step,
         "world_size": m.world_size,
         "created": m.created,
