@@ -235,3 +235,49 @@ def test_truncated_file_is_reported_through_read_ahead(tmp_path):
     with pytest.raises(shardckpt.CorruptCheckpointError, match="truncated|checksum|size"):
         shardckpt.load({k: torch.zeros_like(v) if torch.is_tensor(v) else v
                         for k, v in state.items()}, path)
+
+
+class _CountingFile:
+    """A real file read through pread, counting the requests (what an object store bills)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+        self.calls: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        with self._lock:
+            self.calls.append((offset, length))
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def test_read_ahead_fetches_back_to_back_ranges_in_one_request(tmp_path):
+    data = os.urandom(3 << 20)
+    (tmp_path / "f.bin").write_bytes(data)
+    f = _CountingFile(str(tmp_path / "f.bin"))
+    # Three ranges that continue one another, then one after a gap, then a repeat.
+    keys = [("f", 0, 1000), ("f", 1000, 5000), ("f", 6000, 100), ("f", 10_000, 50),
+            ("f", 6000, 100)]
+    pf = prefetch.Prefetcher(lambda rel: f, keys, streams=2)
+    got = [pf.take(k) for k in keys[:4]]
+    pf.close()
+    assert [bytes(g) for g in got] == [data[o:o + n] for _, o, n in keys[:4]]
+    # The first three are one read of their span; the gapped one is its own read.
+    assert sorted(f.calls) == [(0, 6100), (10_000, 50)]
+    assert sum(n for _, n in f.calls) == sum(n for _, _, n in keys[:4])  # no extra bytes
+    f.close()
+
+
+def test_read_ahead_of_a_truncated_span_reports_the_short_range(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x" * 1500)
+    f = _CountingFile(str(tmp_path / "f.bin"))
+    keys = [("f", 0, 1000), ("f", 1000, 1000)]
+    pf = prefetch.Prefetcher(lambda rel: f, keys, streams=1)
+    a, b = pf.take(keys[0]), pf.take(keys[1])
+    pf.close()
+    assert len(a) == 1000 and len(b) == 500  # the caller sees the truncation of its range
+    f.close()

@@ -85,6 +85,16 @@ class _Range:
         return memoryview(self.buf).cast("B")[:got]
 
 
+class _Slice:
+    """One prefetched key: a part of a (possibly shared) range read."""
+
+    def __init__(self, r: _Range, start: int, length: int) -> None:
+        self.range, self.start, self.length = r, start, length
+
+    def result(self) -> memoryview:
+        return self.range.result()[self.start:self.start + self.length]
+
+
 def _read_piece(f: Any, view: memoryview, offset: int) -> tuple[int, int]:
     readinto = getattr(f, "readinto", None)
     if readinto is not None:
@@ -113,12 +123,25 @@ class Prefetcher:
             key = self._pending.popleft()
             if key in self._ready:
                 continue
+            # Ranges that continue one another in the same file (items written back to
+            # back) are fetched as one read: the same bytes, far fewer requests, which
+            # is what an object store charges and waits for.
+            group = [key]
+            end = key[1] + key[2]
+            while (self._pending and self._pending[0][0] == key[0]
+                   and self._pending[0][1] == end and self._pending[0] not in self._ready
+                   and end - key[1] + self._pending[0][2] <= READ_PIECE):
+                nxt = self._pending.popleft()
+                group.append(nxt)
+                end = nxt[1] + nxt[2]
             try:
                 f = self._open(key[0])  # opened here, on the loader's thread, never in a worker
             except Exception:  # noqa: BLE001 - the loader's own read reports it
                 continue
-            self._ready[key] = _Range(f, key[1], key[2], self._pool)
-            self._bytes += key[2]
+            r = _Range(f, key[1], end - key[1], self._pool)
+            for k in group:
+                self._ready[k] = _Slice(r, k[1] - key[1], k[2])
+            self._bytes += end - key[1]
 
     def take(self, key: Key) -> memoryview | None:
         """The bytes of `key`, or None: the caller then reads it itself."""
@@ -136,10 +159,11 @@ class Prefetcher:
     def close(self) -> None:
         """Wait for reads still in flight (their buffers are dropped)."""
         self._pending.clear()
-        for r in self._ready.values():
+        ranges = {id(x.range): x.range for x in self._ready.values()}.values()
+        for r in ranges:
             for fut in r.futures:
                 fut.cancel()
-        for r in self._ready.values():
+        for r in ranges:
             for fut in r.futures:
                 if not fut.cancelled():
                     try:

@@ -163,7 +163,9 @@ class CheckpointReader:
 
         self.stop_prefetch()
         if reads:
-            n = streams or _env_streams() or READ_STREAMS
+            # An object store answers many requests at once; a disk rewards few.
+            n = (streams or _env_streams() or getattr(self._ckpt, "read_streams", None)
+                 or READ_STREAMS)
             self._prefetch = Prefetcher(self._ckpt.open_data, reads, n)
 
     def stop_prefetch(self) -> None:

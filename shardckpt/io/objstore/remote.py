@@ -27,6 +27,10 @@ def parse_data_object(rel: str) -> tuple[int, str] | None:
 class RemoteCheckpoint:
     """An open checkpoint: its manifest's ETag says whether an overwrite replaced it since."""
 
+    # Ranged GETs a load keeps in flight (io/prefetch.py): each waits mostly on the
+    # round trip, so more of them fill the link where a disk would only seek more.
+    read_streams = 8
+
     def __init__(self, storage: RemoteStorage, path: str) -> None:
         self.storage = storage
         self.store = storage.store
