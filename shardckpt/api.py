@@ -115,7 +115,8 @@ class SaveResult:
 def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          compression: str = "zstd", level: int = 1, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
          threads: int | None = None, overwrite: bool = True,
-         metadata: dict | None = None, timeout: float | None = None) -> SaveResult:
+         metadata: dict | None = None, timeout: float | None = None,
+         base: str | os.PathLike | None = None) -> SaveResult:
     """Save `state` as a sharded checkpoint at `path`; every rank calls it.
 
     `state` is a dict with DCP semantics (tensors, DTensors, nested dicts,
@@ -125,6 +126,10 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     becomes visible only after every rank's data is durable and rank 0 has
     committed the manifest. A rank that calls it while others of the group do not
     gets CollectiveTimeoutError after `timeout` seconds (default 600).
+
+    `base`: an earlier checkpoint in the same directory; every block identical to
+    one it (or a checkpoint it references) holds is referenced, not written again.
+    A state whose keys, shapes or dtypes differ from the base's is saved in full.
     """
     t0 = time.perf_counter()
     state = as_state(state)
@@ -132,7 +137,8 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     if threads is None:
         threads = codec.blocking_threads()
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
-                         threads=threads, overwrite=overwrite, user_metadata=metadata)
+                         threads=threads, overwrite=overwrite, user_metadata=metadata,
+                         base=base)
     try:
         with quiet_no_dist():
             md = dcp.save(state, storage_writer=writer, process_group=process_group,

@@ -339,12 +339,12 @@ def test_migrate_v1_fixture(name: str, tmp_path: Path) -> None:
     before = (path / MANIFEST_NAME).read_bytes()
     data = _files_digest(path)
     rep = migrate(path, dry_run=True)
-    assert (rep.from_version, rep.to_version, rep.changed) == (1, 2, True)
+    assert (rep.from_version, rep.to_version, rep.changed) == (1, 3, True)
     assert (path / MANIFEST_NAME).read_bytes() == before
     rep = migrate(path)
     assert rep.changed and not rep.dry_run
     m = json.loads((path / MANIFEST_NAME).read_text())
-    assert m["format_version"] == 2 and m["checksum"].startswith("sha256:")
+    assert m["format_version"] == 3 and m["checksum"].startswith("sha256:")
     assert _files_digest(path) == data  # data files untouched
     assert sorted(os.listdir(path)) == sorted(os.listdir(FIXTURES / name))  # no temp left
     again = migrate(path)

@@ -23,6 +23,7 @@ from torch.futures import Future
 from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
+from ..io import dedupe
 from ..io.commit import Commit
 from ..io.data_writer import DataFileWriter, tensor_bytes
 from .metadata import RankFile, manifest_from_results
@@ -36,6 +37,7 @@ class _RankPlan:
 
     staging: str
     rank: int
+    base: str | None = None  # incremental: the base every rank dedupes against
 
 
 class ShardWriter(StorageWriter):
@@ -44,8 +46,11 @@ class ShardWriter(StorageWriter):
     def __init__(self, path: str | os.PathLike | None = None, *, compression: str = "zstd",
                  level: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
                  threads: int | None = None, overwrite: bool = True,
-                 user_metadata: dict | None = None) -> None:
+                 user_metadata: dict | None = None,
+                 base: str | os.PathLike | None = None) -> None:
         super().__init__()
+        self.base = None if base is None else os.fspath(base)
+        self._base_used: str | None = None
         self.path = os.fspath(path) if path is not None else None
         self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
         self.threads = threads
@@ -79,9 +84,11 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
+        self._base_used = dedupe.choose_base(self.base, self.path, plans)
         self._commit = Commit.create(self.path, overwrite=self.overwrite, save_id=self.save_id,
                                      world_size=len(plans))
-        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(self._commit.staging, i))
+        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(self._commit.staging, i,
+                                                                     self._base_used))
                        for i, p in enumerate(plans)]
         return self._plans
 
@@ -110,7 +117,9 @@ class ShardWriter(StorageWriter):
                     yield tensor_bytes(data), group_size(data.dtype)
 
         path = os.path.join(info.staging, rel)
-        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank) as out:
+        index = self._index = dedupe.index_for(info.base, self.path)
+        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank,
+                            base_index=index) as out:
             records = out.append_many(payloads())
         rf = RankFile(file=rel, rank=info.rank, size=out.size, crc32=out.crc)
         log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
@@ -126,6 +135,9 @@ class ShardWriter(StorageWriter):
         manifest = manifest_from_results(
             metadata, results, expected, final=final, codec=self.cfg.to_json(),
             user_metadata=self.user_metadata, versions=runtime_versions())
+        if self._base_used is not None:
+            index = getattr(self, "_index", None) or dedupe.BaseIndex(self._base_used, final)
+            manifest = dataclasses.replace(manifest, bases=index.bases_for(manifest))
         staging = self._commit.staging
         for rel, fi in manifest.files.items():
             p = os.path.join(staging, rel)

@@ -20,6 +20,7 @@ import torch
 from .. import codec
 from ..errors import InsufficientSpaceError, SaveFailedError
 from ..format import StoredItem
+from .dedupe import BaseIndex, Encoded, encode_item
 from .fsutil import typed_os_error
 
 # How many encoded bytes may wait for the writer thread before encoding pauses.
@@ -48,7 +49,8 @@ class DataFileWriter:
     """
 
     def __init__(self, path: str, rel: str, cfg: codec.CodecConfig, threads: int | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, base_index: BaseIndex | None = None) -> None:
+        self.base_index = base_index  # incremental save: blocks the base holds are skipped
         self.path = path
         self.rel = rel
         self.rank = rank
@@ -95,7 +97,8 @@ class DataFileWriter:
 
     def append(self, raw: memoryview, group: int) -> StoredItem:
         """Encode and queue one item; returns its storage record (offset, blocks, ...)."""
-        return self._queue(codec.encode_buffer(raw, group, self.cfg, self.threads), len(raw))
+        return self._queue(encode_item(raw, group, self.cfg, self.threads, self.base_index),
+                           len(raw))
 
     def append_many(self, items: Iterable[tuple[memoryview, int]]) -> list[StoredItem]:
         """Encode several items at once (small ones in parallel), write them in order.
@@ -110,7 +113,8 @@ class DataFileWriter:
         out: list[StoredItem] = []
         for raw, group in items:
             inner = 1 if len(raw) <= self.cfg.block_size else threads
-            window.append((len(raw), ex.submit(codec.encode_buffer, raw, group, self.cfg, inner)))
+            window.append((len(raw), ex.submit(encode_item, raw, group, self.cfg, inner,
+                                               self.base_index)))
             ahead += len(raw)
             while len(window) > 2 * threads or ahead > _WRITE_QUEUE_BYTES:
                 n, fut = window.popleft()
@@ -121,10 +125,10 @@ class DataFileWriter:
             out.append(self._queue(fut.result(), n))
         return out
 
-    def _queue(self, blocks: list[tuple[bytes, list]], nbytes: int) -> StoredItem:
+    def _queue(self, enc: Encoded, nbytes: int) -> StoredItem:
         offset = self._queued
         recs = []
-        for stored, rec in blocks:
+        for stored, rec in enc.own:
             self._budget.acquire()
             if self._err:
                 raise self._error()
@@ -132,8 +136,9 @@ class DataFileWriter:
             self._queued += len(stored)
             recs.append(rec)
         self.raw_bytes += nbytes
-        return StoredItem(file=self.rel, offset=offset, length=self._queued - offset,
-                          nbytes=nbytes, blocks=tuple(recs))
+        return enc.stored_item(StoredItem(file=self.rel, offset=offset,
+                                          length=self._queued - offset, nbytes=nbytes,
+                                          blocks=tuple(recs)))
 
     def close(self) -> None:
         if self._f.closed:

@@ -27,6 +27,7 @@ from ..format import blocks as geo
 from ..format.dtypes import dtype_from_name
 from ..format.keys import KeyMap
 from ..format.names import MANIFEST_NAME, Leftover, parse_leftover
+from .bases import BaseFiles
 from .storage import OpenCheckpoint, storage_for
 
 
@@ -136,12 +137,14 @@ class CheckpointReader:
         self.threads = threads
         self.verify = verify
         self._ckpt, stored = _open(self.path)
+        self._bases = BaseFiles(self.path, stored)  # incremental: blocks its bases hold
         self.stored_manifest = stored
         self.manifest = stored if key_map is None else stored.renamed(key_map)
         self.bytes_read = 0
 
     def close(self) -> None:
         self._ckpt.close()
+        self._bases.close()
 
     def remap(self, key_map: KeyMap) -> None:
         """Use `key_map` (checkpoint key -> caller's key) from now on."""
@@ -178,7 +181,7 @@ class CheckpointReader:
             if span is not None:
                 starts, run = geo.box_runs(list(so), list(ln), sizes)
                 for b in geo.blocks_for_runs(blocks, starts * esize, run * esize):
-                    need[b.offset] = b
+                    need[b.raw_start] = b  # offsets repeat across files with references
         buf, base = self.read_blocks(fqn, chunk, blocks, list(need.values()))
         strides = geo.row_major_strides(sizes)
         out: list[torch.Tensor | None] = []
@@ -247,6 +250,8 @@ class CheckpointReader:
         """Read, verify and decode `wanted` blocks of an item; returns (buffer, raw offset of
         buffer[0]). The buffer spans the first to the last of them (bytes of blocks not
         wanted stay unset); `out`, if given, is a uint8 buffer for the whole item."""
+        if item.refs:
+            return self._bases.read_blocks(self, fqn, item, blocks, wanted, out, lo)
         chosen = sorted(wanted, key=lambda b: b.raw_start)
         if not chosen:
             return torch.empty(0, dtype=torch.uint8), lo

@@ -91,7 +91,7 @@ def _with_tensor(d, chunks, shape=(4, 4), dtype="int8"):
 def test_saved_manifest_parses(saved):
     data, raw = saved
     m = parse_manifest(data, "x/manifest.json")
-    assert m.format_version == 2 and m.world_size == 1
+    assert m.format_version == 3 and m.world_size == 1
     assert set(m.tensors) == {"w", "b", "h", "s"} and set(m.objects) == {"step"}
     assert m.files == {FILE: FileEntry(rank=0, size=raw["files"][FILE]["size"],
                                        crc32=raw["files"][FILE]["crc32"])}
@@ -577,7 +577,7 @@ def test_not_a_checkpoint(data):
         parse_manifest(data, "p/manifest.json")
 
 
-@pytest.mark.parametrize("version", [3, 99, 2 ** 70])
+@pytest.mark.parametrize("version", [4, 99, 2 ** 70])
 def test_newer_format_version_is_unsupported(d, version):
     d["format_version"] = version
     with pytest.raises(UnsupportedFormatError, match="upgrade"):
@@ -643,12 +643,12 @@ def test_version_1_without_checksum_is_migrated(d):
     del d["checksum"]
     d["format_version"] = 1
     m = parse_manifest(json.dumps(d).encode(), "p")
-    assert m.format_version == 2
-    d["format_version"] = 2
+    assert m.format_version == 3
+    d["format_version"] = 3
     assert m == Manifest.from_json(d)
-    # and written again it is a valid version-2 manifest with a checksum
+    # and written again it is a valid version-3 manifest with a checksum
     again = json.loads(m.to_bytes())
-    assert again["format_version"] == 2 and again["checksum"].startswith("sha256:")
+    assert again["format_version"] == 3 and again["checksum"].startswith("sha256:")
     assert parse_manifest(m.to_bytes(), "p") == m
 
 
@@ -658,7 +658,7 @@ def test_version_1_fixture_parses():
         data = f.read()
     assert json.loads(data)["format_version"] == 1 and "checksum" not in json.loads(data)
     m = parse_manifest(data, path)
-    assert m.format_version == 2 and m.world_size == 1 and "w32" in m.tensors
+    assert m.format_version == 3 and m.world_size == 1 and "w32" in m.tensors
 
 
 def test_mutation_is_also_caught_behind_a_valid_checksum(d):
