@@ -146,6 +146,11 @@ class CheckpointReader:
         self._ckpt.close()
         self._bases.close()
 
+    @property
+    def bases(self) -> BaseFiles:
+        """The base checkpoints this one references (opened on first use)."""
+        return self._bases
+
     def remap(self, key_map: KeyMap) -> None:
         """Use `key_map` (checkpoint key -> caller's key) from now on."""
         self.manifest = self.stored_manifest.renamed(key_map)

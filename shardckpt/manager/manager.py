@@ -67,13 +67,20 @@ class CheckpointManager:
     `keep_best` best by `metrics[metric]` (`mode` "min" or "max"), and every step
     divisible by `keep_every`; plus whatever a pointer or a live reader lease names.
 
+    `incremental=True` saves each checkpoint against the previous one: blocks
+    whose content did not change are referenced, not written again; every
+    `full_every`-th save, and any save whose state changed structure, is full.
+    A dropped checkpoint that a kept one references is retired (no longer
+    listed or restorable) and deleted once nothing references it.
+
     `async_save=True` writes through `shardckpt.async_save`; pointers and retention
     for that save happen at the next `save` / `restore` / `wait` on every rank.
     """
 
     def __init__(self, root: str | os.PathLike, keep_last: int | None = 3, keep_best: int = 1,
                  metric: str | None = None, mode: Literal["min", "max"] = "min",
-                 keep_every: int | None = None, async_save: bool = False,
+                 keep_every: int | None = None, incremental: bool = False,
+                 async_save: bool = False,
                  process_group: Any = None,
                  preemption_signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1), *,
                  save_options: dict[str, Any] | None = None,
@@ -83,7 +90,7 @@ class CheckpointManager:
                  preemption_grace_s: float | None = 120.0,
                  on_save: Callable[[ManagerSaveResult], Any] | None = None,
                  on_restore: Callable[[int, str], Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, full_every: int = 10) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_best < 0:
@@ -92,6 +99,8 @@ class CheckpointManager:
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
         if keep_every is not None and keep_every < 1:
             raise ValueError(f"keep_every must be >= 1 or None, not {keep_every}")
+        if full_every < 1:
+            raise ValueError(f"full_every must be >= 1, not {full_every}")
         if verify_on_restore not in ("sizes", "full"):
             raise ValueError(f"verify_on_restore must be 'sizes' or 'full', not "
                              f"{verify_on_restore!r}")
@@ -101,6 +110,8 @@ class CheckpointManager:
         self.metric = metric
         self.mode = mode
         self.keep_every = keep_every
+        self.incremental = incremental
+        self.full_every = full_every
         self.async_save = async_save
         self.process_group = process_group
         self.save_options = dict(save_options or {})
@@ -122,7 +133,8 @@ class CheckpointManager:
             self.root, policy=policy_for(keep_last=keep_last, keep_best=self.keep_best,
                                          mode=mode, keep_every=keep_every),
             metric=metric, mode=mode, leases=self._leases, verify_on_restore=verify_on_restore,
-            space_margin=space_margin, min_free_bytes=min_free_bytes)
+            space_margin=space_margin, min_free_bytes=min_free_bytes, incremental=incremental,
+            full_every=full_every)
         self._preempt = PreemptionHandler(tuple(preemption_signals), preemption_grace_s)
 
     # ------------------------------------------------------------------ signals
@@ -231,10 +243,13 @@ class CheckpointManager:
             # Once per manager and on every rank: a Stateful's state_dict() may itself
             # be a collective (FSDP). Only used when no earlier checkpoint exists.
             self._keeper.state_estimate = state_bytes(state)
-        self._ctrl.decide(lambda: self._keeper.prepare_write(step, metrics))
+        plan = self._ctrl.decide(lambda: self._keeper.prepare_write(step, metrics))
         path = self._path(step_dir_name(step))
         meta = {"step": step, "metrics": metrics, "manager": {"reason": reason}}
         opts = dict(self.save_options)
+        if plan.get("base"):  # incremental: blocks the previous checkpoint holds are skipped
+            opts["base"] = self._path(plan["base"])
+            meta["manager"]["chain"] = plan["chain"]
         if sync:
             try:
                 r = _save(state, path, process_group=self._dcp_group(), metadata=meta,
