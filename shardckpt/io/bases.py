@@ -19,7 +19,6 @@ import torch
 from .. import codec
 from ..errors import BaseCheckpointError, CorruptCheckpointError
 from ..format import Block, Manifest, StoredItem
-from ..format import blocks as geo
 from ..format.refs import RefBlock, base_name
 from .storage import OpenCheckpoint, storage_for
 
@@ -110,7 +109,7 @@ class BaseFiles:
             else:
                 f = self.open_data(ref, rel, fqn)
                 path, rank = os.path.join(self.dir_of(ref), rel), self.bases[ref][rel].rank
-            for off, length, run in geo.coalesce(group):
+            for off, length, run in _runs(group):
                 data = f.pread(max(0, min(length, f.size - off)), off)
                 reader.bytes_read += len(data)
                 first = run[0]
@@ -129,6 +128,20 @@ class BaseFiles:
                         f"{self.path}: {fqn!r} is stored partly in base checkpoint {d}, which is "
                         f"damaged: {e}", path=path, rank=rank, tensor=fqn, base=d) from None
         return out, start
+
+
+def _runs(blocks: list[Block]) -> list[tuple[int, int, list[Block]]]:
+    """Single reads of blocks adjacent both in the file and in the item: with references
+    the two orders differ (a base may hold an item's blocks in any order)."""
+    runs: list[tuple[int, int, list[Block]]] = []
+    for b in sorted(blocks, key=lambda b: b.raw_start):
+        if runs:
+            off, ln, bl = runs[-1]
+            if off + ln == b.offset and bl[-1].raw_start + bl[-1].raw_len == b.raw_start:
+                runs[-1] = (off, ln + b.stored_len, bl + [b])
+                continue
+        runs.append((b.offset, b.stored_len, [b]))
+    return runs
 
 
 def _own_file(reader: Any, fqn: str, rel: str) -> Any:

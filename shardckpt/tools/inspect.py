@@ -12,10 +12,15 @@ from typing import Any
 import torch
 
 from ..format import dtype_from_name
+from ..format.refs import RefBlock
 from ..io.fsutil import dir_size
 from ..io.reader import CheckpointReader
 from .report import human_bytes as _human
 from .report import plural, refuse_special
+
+
+def _stored_items(m: Any) -> list[Any]:
+    return [c for t in m.tensors.values() for c in t.chunks] + list(m.objects.values())
 
 
 def _step(um: dict) -> Any:
@@ -79,6 +84,8 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
     m = reader.manifest
     keys: list[dict[str, Any]] = []
     logical = 0
+    referenced = sum(b.stored_len for c in _stored_items(m) for b in c.block_list()
+                     if isinstance(b, RefBlock))
     for k, t in m.tensors.items():
         n = torch.empty((), dtype=dtype_from_name(t.dtype)).element_size()
         for s in t.shape:
@@ -115,6 +122,11 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         "codec": m.codec,
         "bytes_logical": logical,
         "bytes_on_disk": on_disk,
+        # incremental: stored bytes this checkpoint holds vs those its bases hold for it
+        "bytes_own": on_disk,
+        "bytes_referenced": referenced,
+        "bases": [os.path.normpath(os.path.join(os.path.abspath(reader.path), b))
+                  for b in sorted(m.bases)],
         "compression_ratio": (logical / on_disk) if on_disk else None,
         "n_tensors": len(m.tensors),
         "n_objects": len(m.objects),
@@ -143,6 +155,12 @@ def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
         f"on disk" + (f" (ratio {ratio:.2f}x)" if ratio else ""),
         f"keys         {plural(info['n_tensors'], 'tensor')}, "
         f"{plural(info['n_objects'], 'object')}",
+    ]
+    if info.get("bases"):
+        lines.append(f"incremental  {_human(info['bytes_own'])} own, "
+                     f"{_human(info['bytes_referenced'])} referenced in "
+                     f"{', '.join(info['bases'])}")
+    lines += [
         "files per rank:",
     ]
     for r in info["ranks"]:
