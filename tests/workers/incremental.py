@@ -89,7 +89,7 @@ def park_main(point: str, root: str, flag: str) -> None:
         real_rmtree = shutil.rmtree
 
         def rmtree(path: str, *a: Any, **k: Any) -> None:
-            if ".old-" in os.path.basename(path):
+            if os.path.basename(path).startswith(".step_00000001.old-"):
                 _park(flag)
             real_rmtree(path, *a, **k)
 
@@ -166,7 +166,13 @@ def train_with_manager(rank: int, ws: int, root: str, ref: str, saves: int) -> l
         _train_step(model, opt, rank, step)
         msd, osd = get_state_dict(model, opt)
         r = mgr.save(step, {"model": msd, "optim": osd})
+        m = shardckpt.read_manifest(r.path) if hasattr(shardckpt, "read_manifest") else None
+        if m is None:
+            from shardckpt.io.reader import read_manifest
+
+            m = read_manifest(r.path)
         out.append({"step": step, "bytes_written": r.bytes_written,
+                    "own": sum(f.size for f in m.files.values()),
                     "listed": [i.step for i in shardckpt.list_checkpoints(root)]})
     full = _full(model, opt)
     if rank == 0:
@@ -186,6 +192,21 @@ def save_fsdp(rank: int, ws: int, path: str, ref: str | None, base: str | None,
     if rank == 0 and ref is not None:
         torch.save(full, ref)
     return {"bytes_written": r.bytes_written}
+
+
+def resume_and_save(rank: int, ws: int, base: str, path: str, ref: str) -> None:
+    """Resume from `base` at this world size, train the adapters one step, save against it."""
+    model, opt = _model(ws, 5)
+    _train_step(model, opt, rank, 98)
+    msd, osd = get_state_dict(model, opt)
+    shardckpt.load({"model": msd, "optim": osd}, base)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    _train_step(model, opt, rank, 4)
+    msd, osd = get_state_dict(model, opt)
+    shardckpt.save({"model": msd, "optim": osd}, path, base=base, block_size=384)
+    full = _full(model, opt)
+    if rank == 0:
+        torch.save(full, ref)
 
 
 def load_fsdp(rank: int, ws: int | None, path: str, ref: str) -> list[str]:
