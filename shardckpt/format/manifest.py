@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -356,8 +357,33 @@ def content_checksum(d: dict) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+# Validated manifests by their exact bytes: the manager, retention and the base index
+# of an incremental save read the same few manifests again and again, and parsing
+# is what costs (tens of ms for a few thousand tensors). The key is a digest of the
+# bytes, so a changed file is never served from here.
+_CACHE: OrderedDict[tuple[bytes, str], Manifest] = OrderedDict()
+_CACHE_BYTES = [0]
+_CACHE_MAX_BYTES = 64 << 20
+
+
 def parse_manifest(data: bytes, path: str) -> Manifest:
     """Bytes of manifest.json -> a validated Manifest, or a typed error naming `path`."""
+    key = (hashlib.blake2b(data, digest_size=32).digest() + len(data).to_bytes(8, "little"),
+           path)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    m = _parse_manifest(data, path)
+    _CACHE[key] = m
+    _CACHE_BYTES[0] += len(data)
+    while _CACHE_BYTES[0] > _CACHE_MAX_BYTES and len(_CACHE) > 1:
+        old, _ = _CACHE.popitem(last=False)
+        _CACHE_BYTES[0] -= int.from_bytes(old[0][32:], "little")
+    return m
+
+
+def _parse_manifest(data: bytes, path: str) -> Manifest:
     try:
         d = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:

@@ -99,22 +99,25 @@ class RootKeeper:
         if not self.incremental:
             return None, 0
         target = step_dir_name(step)
-        infos = [i for i in list_checkpoints(self.root) if i.problem is None and i.name != target]
-        if not infos:
-            return None, 0
         latest = self.pointers.read(LATEST_POINTER)
-        named = [i for i in infos if latest is not None and i.name == latest.get("name")]
-        prev = named[0] if named else infos[-1]
+        prev = None if latest is None or latest["name"] == target else latest["name"]
+        if prev is None or storage_for(self._path(prev)).state(
+                self._path(prev)) != DirState.COMMITTED:
+            infos = [i for i in list_checkpoints(self.root)
+                     if i.problem is None and i.name != target]
+            if not infos:
+                return None, 0
+            prev = infos[-1].name
         try:
-            m = read_manifest(self._path(prev.name))
+            m = read_manifest(self._path(prev))
         except FALLBACK_ERRORS:
             return None, 0
         chain = m.user_metadata.get("manager", {}).get("chain") if m.bases else 0
         if type(chain) is not int or chain + 1 >= self.full_every:
             return None, 0
         # Leased until the save commits: a concurrent `shardckpt gc` keeps them meanwhile.
-        self._save_leases = [self.leases.take(n) for n in {prev.name} | holder_names(m)]
-        return prev.name, chain + 1
+        self._save_leases = [self.leases.take(n) for n in {prev} | holder_names(m)]
+        return prev, chain + 1
 
     def droppable(self, infos: list[CheckpointInfo],
                    extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
