@@ -275,3 +275,20 @@ def test_cli_inspect_and_materialize_json(tmp_path):
                        text=True, check=True)
     out = json.loads(r.stdout)
     assert out["changed"] and out["out"] == str(tmp_path / "m") and out["bytes_copied"] > 0
+
+
+def test_async_incremental_saves_and_a_restore_that_skips_a_broken_base(tmp_path):
+    root = str(tmp_path / "root")
+    mgr = W.manager(root, keep_last=None, full_every=10, async_save=True)
+    for s in range(1, 5):
+        mgr.save(s, W.state_at(s))
+    mgr.wait()
+    assert _manifest(os.path.join(root, "step_00000004"))["bases"]
+    st = W.empty_state()
+    assert mgr.restore(st) == 4 and W.matches(st, 4)
+    mgr.close()
+    # The full step 1 lost by hand: restore skips what references it, with the reason.
+    shutil.rmtree(os.path.join(root, "step_00000001"))
+    mgr = W.manager(root, keep_last=None)
+    with pytest.warns(RuntimeWarning, match="step_00000001"):
+        assert mgr.restore(W.empty_state()) is None

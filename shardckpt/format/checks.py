@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CorruptCheckpointError
+from .blocks import MODE_GROUPED, record_problem
 
 _MAX_INT = 1 << 62  # no size, offset or shape in a real checkpoint comes near this
 
@@ -91,3 +92,18 @@ def _check_disjoint(tensors: Mapping[str, Any], objects: Mapping[str, Any]) -> N
             if b_off < a_off + a_len:
                 raise _bad(b_where, f"bytes at {b_off} of {rel} overlap those of {a_where} "
                                     f"[{a_off}, {a_off + a_len})")
+
+
+def check_block_record(rec: Any, where: str, group: int, block_size: int) -> list:
+    """Validate one block record; returns it (a JSON list, as the codecs take it)."""
+    if isinstance(rec, list) and len(rec) >= 5 and rec[3] == MODE_GROUPED:
+        if group < 2:
+            raise _bad(where, "byte planes in a dtype that is not byte-grouped")
+        if isinstance(rec[4], str) and len(rec[4]) != group:
+            raise _bad(f"{where}[4]", f"{len(rec[4])} byte planes for a dtype of {group}")
+    problem = record_problem(rec)
+    if problem is not None:
+        raise _bad(where + problem[0], problem[1])
+    if rec[1] > block_size:
+        raise _bad(f"{where}[1]", f"{rec[1]} raw bytes in a block of at most {block_size}")
+    return rec

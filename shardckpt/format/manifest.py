@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
 from . import dtypes
-from .blocks import MAX_BLOCK_SIZE, MODE_GROUPED, Block, item_blocks, record_problem
+from .blocks import MAX_BLOCK_SIZE, Block, item_blocks
 from .checks import (
     _MAX_INT,
     ManifestError,
@@ -30,6 +30,7 @@ from .checks import (
     _int,
     _list,
     _str,
+    check_block_record,
 )
 from .names import FORMAT_NAME, is_data_file_name
 from .refs import (
@@ -62,21 +63,6 @@ class FileEntry:
         return cls(rank=_int(d.get("rank"), f"{where}.rank", 0, 1 << 24),
                    size=_int(d.get("size"), f"{where}.size"),
                    crc32=_int(d.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF))
-
-
-def check_block_record(rec: Any, where: str, group: int, block_size: int) -> list:
-    """Validate one block record; returns it (a JSON list, as the codecs take it)."""
-    if isinstance(rec, list) and len(rec) >= 5 and rec[3] == MODE_GROUPED:
-        if group < 2:
-            raise _bad(where, "byte planes in a dtype that is not byte-grouped")
-        if isinstance(rec[4], str) and len(rec[4]) != group:
-            raise _bad(f"{where}[4]", f"{len(rec[4])} byte planes for a dtype of {group}")
-    problem = record_problem(rec)
-    if problem is not None:
-        raise _bad(where + problem[0], problem[1])
-    if rec[1] > block_size:
-        raise _bad(f"{where}[1]", f"{rec[1]} raw bytes in a block of at most {block_size}")
-    return rec
 
 
 @dataclass(frozen=True)
@@ -357,13 +343,11 @@ def content_checksum(d: dict) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-# Validated manifests by their exact bytes: the manager, retention and the base index
-# of an incremental save read the same few manifests again and again, and parsing
-# is what costs (tens of ms for a few thousand tensors). The key is a digest of the
-# bytes, so a changed file is never served from here.
+# Validated manifests by a digest of their exact bytes (a changed file is never served
+# from here): the manager, retention and the base index of an incremental save
+# read the same few manifests again and again, and parsing is what costs.
 _CACHE: OrderedDict[tuple[bytes, str], Manifest] = OrderedDict()
-_CACHE_BYTES = [0]
-_CACHE_MAX_BYTES = 64 << 20
+_CACHE_BYTES, _CACHE_MAX_BYTES = [0], 64 << 20
 
 
 def parse_manifest(data: bytes, path: str) -> Manifest:

@@ -77,6 +77,19 @@ class BaseFiles:
         except OSError as e:
             raise self._missing(ref, rel, fqn, f"cannot be read ({e.strerror})") from None
 
+    def precheck(self) -> BaseCheckpointError | None:
+        """Cheap check before a load: every base file is there, at least its recorded size."""
+        for ref, files in sorted(self.bases.items()):
+            for rel, fe in sorted(files.items()):
+                try:
+                    size = self.open_data(ref, rel, None).size
+                except BaseCheckpointError as e:
+                    return e
+                if size < fe.size:
+                    return self._missing(ref, rel, None, f"has {size} bytes, {fe.size} were "
+                                                         f"recorded (truncated)")
+        return None
+
     def close(self) -> None:
         for ck in self._open.values():
             ck.close()

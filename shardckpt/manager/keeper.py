@@ -261,7 +261,8 @@ class RootKeeper:
             return None, e
         try:
             err = (verify_reader(reader, raise_on_error=False).error()
-                   if self.verify_on_restore == "full" else precheck(reader))
+                   if self.verify_on_restore == "full" else
+                   precheck(reader) or reader.bases.precheck())
         except FALLBACK_ERRORS as e:
             err = e
         if err is not None:

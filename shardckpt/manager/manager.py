@@ -67,11 +67,10 @@ class CheckpointManager:
     `keep_best` best by `metrics[metric]` (`mode` "min" or "max"), and every step
     divisible by `keep_every`; plus whatever a pointer or a live reader lease names.
 
-    `incremental=True` saves each checkpoint against the previous one: blocks
-    whose content did not change are referenced, not written again; every
-    `full_every`-th save, and any save whose state changed structure, is full.
-    A dropped checkpoint that a kept one references is retired (no longer
-    listed or restorable) and deleted once nothing references it.
+    `incremental=True` saves against the previous checkpoint: unchanged blocks are
+    referenced, not rewritten; every `full_every`-th save and any save whose state
+    changed structure is full. A dropped checkpoint that a kept one references is
+    retired (not listed or restorable) and deleted once nothing references it.
 
     `async_save=True` writes through `shardckpt.async_save`; pointers and retention
     for that save happen at the next `save` / `restore` / `wait` on every rank.
@@ -110,8 +109,7 @@ class CheckpointManager:
         self.metric = metric
         self.mode = mode
         self.keep_every = keep_every
-        self.incremental = incremental
-        self.full_every = full_every
+        self.incremental, self.full_every = incremental, full_every
         self.async_save = async_save
         self.process_group = process_group
         self.save_options = dict(save_options or {})
