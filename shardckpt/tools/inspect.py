@@ -127,7 +127,8 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         "bytes_referenced": referenced,
         "bases": [os.path.normpath(os.path.join(os.path.abspath(reader.path), b))
                   for b in sorted(m.bases)],
-        "compression_ratio": (logical / on_disk) if on_disk else None,
+        # of the codec: over every stored byte the checkpoint reads, its own and referenced
+        "compression_ratio": (logical / (on_disk + referenced)) if on_disk + referenced else None,
         "n_tensors": len(m.tensors),
         "n_objects": len(m.objects),
         "ranks": [ranks[r] for r in sorted(ranks)],
