@@ -122,11 +122,6 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         "codec": m.codec,
         "bytes_logical": logical,
         "bytes_on_disk": on_disk,
-        # incremental: stored bytes this checkpoint holds vs those its bases hold for it
-        "bytes_own": on_disk,
-        "bytes_referenced": referenced,
-        "bases": [os.path.normpath(os.path.join(os.path.abspath(reader.path), b))
-                  for b in sorted(m.bases)],
         # of the codec: over every stored byte the checkpoint reads, its own and referenced
         "compression_ratio": (logical / (on_disk + referenced)) if on_disk + referenced else None,
         "n_tensors": len(m.tensors),
@@ -134,6 +129,10 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         "ranks": [ranks[r] for r in sorted(ranks)],
         "user_metadata": m.user_metadata,
         "keys": keys,
+        # incremental only: stored bytes this checkpoint holds vs those its bases hold for it
+        **({"bytes_own": on_disk, "bytes_referenced": referenced,
+            "bases": [os.path.normpath(os.path.join(os.path.abspath(reader.path), b))
+                      for b in sorted(m.bases)]} if m.bases else {}),
     }
 
 
