@@ -210,6 +210,12 @@ def test_gc_agrees_with_retention(tmp_path):
     assert any(n == "step_00000001" and "retired" in why for n, why in rep.kept)
     mgr.save(6, W.state_at(6))  # retention (keep_last=None) drops nothing; 5 still referenced
     assert W.matches(_loaded(os.path.join(root, "step_00000006")), 6)
+    for s in (6, 5):  # standalone: nothing references step 1 any more
+        materialize(os.path.join(root, f"step_{s:08d}"))
+    rep = gc(root, older_than=0)  # leftovers only, and retired checkpoints nobody uses
+    assert [a.kind for a in rep.removed] == ["retired"]
+    assert not os.path.exists(os.path.join(root, "step_00000001"))
+    assert W.matches(_loaded(os.path.join(root, "step_00000005")), 5)
 
 
 def test_materialize_makes_a_standalone_checkpoint(tmp_path):

@@ -161,7 +161,8 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
                 if not remove_dir(a.path, os.path.join(root, trash_name(base, uuid.uuid4().hex[:12]))):
                     continue
         report.removed.append(a)
-    if keep_last is not None and not dry_run:
+    if not dry_run:  # retired checkpoints nothing references any more are leftovers too
+        protected |= Leases(root).live_names(remove_stale=False)
         for name in refcount.sweep(root, protected):
             report.removed.append(GcAction(os.path.join(root, name), "retired",
                                            "retired, and no checkpoint references it any more",
