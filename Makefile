@@ -13,12 +13,13 @@ VENV_FLAGS ?=
 $(BIN)/python:
 	$(PY) -m venv $(VENV_FLAGS) $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml $(wildcard setup.py) $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): $(BIN)/python pyproject.toml $(wildcard setup.py) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.py)
 	$(BIN)/pip install -q "setuptools>=64" wheel
 	# torch first and pinned (an unpinned one would pull a multi-GB CUDA build),
 	# unless the venv already sees one.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	# cuda-build: nvcc from PyPI so tests/test_cuda_build.py compiles csrc/cuda/ (docs/GPU.md)
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,cuda-build]"
 	$(BIN)/python -c "import shardckpt.codec as c; print('shardckpt codec path:', c.active_path())"
 	touch $(STAMP)
 

@@ -5,6 +5,11 @@ is missing, or the build fails for any other reason, the install goes on
 without it and shardckpt uses its pure-Python codec (same format, slower).
 Set SHARDCKPT_REQUIRE_NATIVE=1 to make a failed build fail the install (CI).
 Set SHARDCKPT_NO_NATIVE=1 to skip the build.
+
+The GPU data path, shardckpt._cuda (csrc/cuda/, docs/GPU.md), is a second,
+separate extension built with nvcc only when nvcc is found ($SHARDCKPT_NVCC,
+$CUDA_HOME, PATH); SHARDCKPT_NO_CUDA=1 skips it. Same rule: a failed build
+warns and the install goes on (SHARDCKPT_REQUIRE_CUDA=1 makes it fail).
 """
 
 from __future__ import annotations
@@ -80,9 +85,12 @@ class OptionalBuildExt(build_ext):
 
 native = Extension(
     "shardckpt._native",
-    sources=["csrc/module.cpp", "csrc/codec.cpp", f"{ZSTD_DIR}/zstd.c"],
+    sources=["csrc/module.cpp", "csrc/codec.cpp", "csrc/planes.cpp", "csrc/huf_frame.cpp",
+             "csrc/block_hash.cpp", "csrc/records.cpp", f"{ZSTD_DIR}/zstd.c"],
     include_dirs=["csrc", ZSTD_DIR],
-    depends=["csrc/codec.h", "csrc/thread_pool.h", f"{ZSTD_DIR}/zstd.h"],
+    depends=["csrc/codec.h", "csrc/planes.h", "csrc/huf_frame.h", "csrc/block_hash.h",
+             "csrc/records.h", "csrc/thread_pool.h", f"{ZSTD_DIR}/zstd.h",
+             "csrc/third_party/xxhash/xxhash.h"],
     # Blocks are parallelised by our own pool, one single-threaded zstd context
     # per thread; ZSTD_c_nbWorkers is never set, so zstd starts no threads
     # (the amalgamation compiles its MT support in unconditionally). Empty
@@ -97,4 +105,47 @@ native = Extension(
     language="c++",
 )
 
-setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExt})
+
+
+# -- the GPU data path: its own extension, built by csrc/cuda/build_cuda.py with nvcc.
+def _load_cuda_build():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shardckpt_build_cuda",
+                                                  "csrc/cuda/build_cuda.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class BuildExt(OptionalBuildExt):
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != "shardckpt._cuda":
+            return super().build_extension(ext)
+        out = self.get_ext_fullpath(ext.name)
+        try:
+            cmds = cuda_build.build(out, NVCC, build_dir=os.path.join(self.build_temp, "cuda"))
+            print("shardckpt: built shardckpt._cuda with " + NVCC + "\n" +
+                  "\n".join(" ".join(c) for c in cmds), file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - the GPU path is optional too
+            if os.environ.get("SHARDCKPT_REQUIRE_CUDA") == "1":
+                raise
+            print(f"WARNING: shardckpt: building the CUDA extension failed ({e}); "
+                  "installing without it, GPU tensors are staged by torch copies.",
+                  file=sys.stderr)
+
+
+cuda_build = _load_cuda_build()
+NVCC = None if os.environ.get("SHARDCKPT_NO_CUDA") == "1" else cuda_build.find_nvcc()
+ext_modules = [native]
+if NVCC is not None:
+    ext_modules.append(Extension(
+        "shardckpt._cuda",
+        sources=[f"csrc/cuda/{s}" for s in cuda_build.SOURCES],
+        depends=[f"csrc/cuda/{s}" for s in cuda_build.DEPENDS]))
+else:
+    print("shardckpt: no nvcc found (SHARDCKPT_NVCC, CUDA_HOME, PATH) or SHARDCKPT_NO_CUDA=1: "
+          "the CUDA extension shardckpt._cuda is not built; GPU tensors are staged by torch "
+          "copies (docs/GPU.md).", file=sys.stderr)
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

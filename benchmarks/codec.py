@@ -2,6 +2,11 @@
 ZStandard stream extension and ZipNN, on real trained weights, real Adam moments and
 random-normal weights.
 
+With the native codec, "shardckpt" rows are its default encoder (Huffman-only zstd frames
+for skewed planes) and "shardckpt-zstd" rows the previous one (regular zstd frames only,
+byte-identical to the pure-Python codec), measured in the same run; "+hash" adds the
+per-block XXH3-128 digests. A before/after table per dataset closes the output.
+
     pip install -e ".[bench]"
     python benchmarks/codec.py --out bench_out/codec.json
 
@@ -127,12 +132,23 @@ class Codec:
     size: Callable[[object], int]
 
 
-def shardckpt_codec(level: int, block_size: int, threads: int) -> Codec:
+# Native plane strategies (csrc/codec.h).
+LEGACY_ZSTD = 0
+
+
+def shardckpt_codec(level: int, block_size: int, threads: int, strategy: int | None = None,
+                    hashes: bool = False) -> Codec:
+    """strategy=None: what codec.encode_buffer does; an int: that native strategy."""
     cfg = codec.CodecConfig(level=level, block_size=block_size)
 
     def enc(ds: Dataset) -> list:
         g = fmt.group_size(ds.dtype)
-        return [codec.encode_buffer(memoryview(t), g, cfg, threads) for t in ds.tensors]
+        if strategy is None:
+            return [codec.encode_buffer(memoryview(t), g, cfg, threads,
+                                        hashes=[] if hashes else None) for t in ds.tensors]
+        return [codec._native.encode_blocks(memoryview(t), g, True, level, block_size,
+                                            fmt.SAMPLE_SIZE, threads, strategy,
+                                            [] if hashes else None) for t in ds.tensors]
 
     def dec(ds: Dataset, encoded: list) -> None:
         for t, blocks in zip(ds.tensors, encoded):
@@ -141,8 +157,9 @@ def shardckpt_codec(level: int, block_size: int, threads: int) -> Codec:
             codec.decode_item_blocks(memoryview(stored), [r for _, r in blocks], memoryview(out),
                                      threads, True)
 
-    return Codec(f"shardckpt l{level} {block_size >> 10}K t{threads}", enc, dec,
-                 lambda e: sum(len(s) for blocks in e for s, _ in blocks))
+    name = "shardckpt" if strategy is None else "shardckpt-zstd"
+    return Codec(f"{name} l{level} {block_size >> 10}K t{threads}{' +hash' if hashes else ''}",
+                 enc, dec, lambda e: sum(len(s) for blocks in e for s, _ in blocks))
 
 
 def plain_zstd(level: int) -> Codec:
@@ -237,6 +254,30 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['dec_mbs']:9.0f} {r['enc_cpu_mbs']:11.0f} {r['dec_cpu_mbs']:11.0f}", flush=True)
 
 
+def before_after(rows: list[dict]) -> list[dict]:
+    """Per dataset, 1 thread: the previous encoder (regular zstd frames) against the current."""
+    by = {(r["data"], r["codec"].split(" ")[0]): r for r in rows
+          if " t1" in r["codec"] and "+hash" not in r["codec"]}
+    out = []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        old, new = by.get((data, "shardckpt-zstd")), by.get((data, "shardckpt"))
+        if old is None or new is None:
+            continue
+        out.append({"data": data, **{f"{k}_{tag}": r[k] for tag, r in (("before", old), ("after", new))
+                                     for k in ("ratio", "enc_mbs", "dec_mbs", "enc_cpu_mbs",
+                                               "dec_cpu_mbs")}})
+    if out:
+        print("\n# before (regular zstd frames) -> after (current encoder), 1 thread")
+        print(f"{'data':<20} {'ratio':>13} {'enc MB/s':>13} {'dec MB/s':>13} "
+              f"{'enc cpuMB/s':>13} {'dec cpuMB/s':>13}")
+        for r in out:
+            cells = [f"{r['ratio_before']:.3f}->{r['ratio_after']:.3f}"]
+            cells += [f"{r[k + '_before']:.0f}->{r[k + '_after']:.0f}"
+                      for k in ("enc_mbs", "dec_mbs", "enc_cpu_mbs", "dec_cpu_mbs")]
+            print(f"{r['data']:<20} " + " ".join(f"{c:>13}" for c in cells), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_out/codec.json")
@@ -266,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bs = fmt.DEFAULT_BLOCK_SIZE
     codecs = [shardckpt_codec(1, bs, 1), shardckpt_codec(1, bs, args.threads)]
+    if codec.native_available() and path == "native":
+        codecs += [shardckpt_codec(1, bs, 1, LEGACY_ZSTD), shardckpt_codec(1, bs, 1, hashes=True)]
     if not args.no_baselines:
         codecs.append(plain_zstd(1))
         for extra in (dcp_zstd(), zipnn_codec(1), zipnn_codec(args.threads)):
@@ -273,9 +316,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("# a baseline is unavailable (DCP ZStandard or zipnn not installed)")
             else:
                 codecs.append(extra)
+    # One untimed round first: the first large allocations of a process fault
+    # their pages in (glibc raises its mmap threshold only after a free), which
+    # would otherwise be charged to whichever codec happens to run first.
+    for c in codecs:
+        if c.name.startswith("shardckpt"):
+            c.decode(data[0], c.encode(data[0]))
     rows = [measure(c, ds, args.repeat) for ds in data for c in codecs]
     print()
     print_rows(rows)
+    compare = before_after(rows)
 
     sweep = []
     if not args.no_sweep:
@@ -290,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info["loadavg_end"] = os.getloadavg()
-    out.write_text(json.dumps({"info": info, "results": rows, "sweep": sweep}, indent=1))
+    out.write_text(json.dumps({"info": info, "results": rows, "before_after": compare,
+                               "sweep": sweep}, indent=1))
     print(f"\n# wrote {out}")
     return 0
 

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint._extension import ZStandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from _common import assert_equal, build_state, empty_like_state, zero_state  # noqa: E402
 
 import shardckpt  # noqa: E402
 from shardckpt import codec  # noqa: E402
@@ -48,120 +49,6 @@ REFERENCE = "shardckpt (zstd)"
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
-
-
-# ---------------------------------------------------------------- the state
-
-
-def _base_weights(seed: int) -> tuple[dict[str, torch.Tensor], str]:
-    path = C.minilm_weights_file()
-    if path is not None:
-        from safetensors.torch import load_file
-
-        return {k: v.float() for k, v in load_file(str(path)).items()}, "MiniLM"
-    # Synthetic fallback: a 6-layer transformer's shapes, weights = low-rank structure
-    # plus N(0, 0.02) noise, so they are neither random bytes nor constants.
-    g = torch.Generator().manual_seed(seed)
-    d, ff, vocab = 384, 1536, 30522
-    shapes: dict[str, tuple[int, ...]] = {"embeddings.word_embeddings.weight": (vocab, d)}
-    for i in range(6):
-        p = f"encoder.layer.{i}."
-        for n in ("attention.self.query", "attention.self.key", "attention.self.value",
-                  "attention.output.dense"):
-            shapes[p + n + ".weight"], shapes[p + n + ".bias"] = (d, d), (d,)
-        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (ff, d), (ff,)
-        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (d, ff), (d,)
-        shapes[p + "output.LayerNorm.weight"] = (d,)
-    out = {}
-    for k, s in shapes.items():
-        if len(s) == 2:
-            lo = torch.randn(s[0], 8, generator=g) @ torch.randn(8, s[1], generator=g) * 0.005
-            out[k] = lo + torch.randn(s, generator=g) * 0.02
-        elif "LayerNorm" in k:
-            out[k] = 1.0 + torch.randn(s, generator=g) * 0.05
-        else:
-            out[k] = torch.randn(s, generator=g) * 0.01
-    return out, "synthetic"
-
-
-def _variant(w: torch.Tensor, k: int) -> torch.Tensor:
-    # Tiles must differ byte-wise, or a compressor with a long window could match
-    # whole copies; rolling rows keeps every value real, negating keeps the
-    # (symmetric) distribution of matrices.
-    if k == 0:
-        return w.clone()
-    v = torch.roll(w, shifts=(k * 7919) % max(1, w.shape[0]), dims=0)
-    return -v if (k % 2 and w.dim() >= 2) else v
-
-
-def build_state(target_bytes: int, seed: int = 0, rank: int = 0,
-                world: int = 1) -> tuple[dict[str, Any], str]:
-    """Tile the base weights into a training state of about target_bytes.
-
-    With world > 1 a rank keeps only the parameters i with i % world == rank
-    (disjoint keys), so the ranks together hold the same state as one process.
-    """
-    base, kind = _base_weights(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    per_param = 2 + 4 + 4 + 4  # bf16 weight, fp32 master, exp_avg, exp_avg_sq
-    model: dict[str, torch.Tensor] = {}
-    master: dict[str, torch.Tensor] = {}
-    optim: dict[str, dict[str, torch.Tensor]] = {}
-    total, i, tile = 0, 0, 0
-    while total < target_bytes:
-        added = False
-        for name, w in base.items():
-            size = w.numel() * per_param
-            # Skip a tensor that would overshoot by more than 5%, so small targets
-            # (--quick) are not dominated by the 47 MB embedding table.
-            if total + size > target_bytes * 1.05 and total > 0:
-                continue
-            if total >= target_bytes:
-                break
-            added = True
-            key = f"tile{tile}.{name}"
-            total += size
-            i += 1
-            if (i - 1) % world != rank:
-                continue
-            wk = _variant(w, tile)
-            master[key] = wk
-            model[key] = wk.to(torch.bfloat16)
-            # Per-row gradient scale: rows of a weight see different gradient sizes.
-            rows = wk.shape[0]
-            scale = (0.3 + torch.rand(rows, generator=g) * 1.4).view(-1, *([1] * (wk.dim() - 1)))
-            exp_avg = torch.randn(wk.shape, generator=g) * 1e-3 * scale
-            # exp_avg_sq ~ an EMA of squared gradients: a mean of a few squares, positive.
-            sq = sum((torch.randn(wk.shape, generator=g) * 1e-3 * scale) ** 2 for _ in range(3)) / 3
-            optim[key] = {"exp_avg": exp_avg, "exp_avg_sq": sq,
-                          "step": torch.tensor(1000.0)}  # Adam keeps step as a 0-dim fp32 tensor
-        tile += 1
-        if not added:  # nothing fits any more without overshooting
-            break
-    label = (f"MiniLM weights tiled to {total / C.GB:.2f} GB" if kind == "MiniLM"
-             else f"synthetic transformer weights, {total / C.GB:.2f} GB")
-    label += " (bf16 weights + fp32 master + Adam exp_avg/exp_avg_sq/step; moments synthetic)"
-    return {"model": model, "master": master, "optim": optim}, label
-
-
-def empty_like_state(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)  # zeros, not empty: page faults happen here, not in load
-    return {k: empty_like_state(v) for k, v in state.items()}
-
-
-def zero_state(state: Any) -> None:
-    for _, t in C.iter_tensors(state):
-        t.zero_()
-
-
-def assert_equal(a: Any, b: Any, tool: str) -> None:
-    ta, tb = dict(C.iter_tensors(a)), dict(C.iter_tensors(b))
-    if ta.keys() != tb.keys():
-        raise AssertionError(f"{tool}: loaded keys differ from saved keys")
-    for k, t in ta.items():
-        if t.dtype != tb[k].dtype or not torch.equal(t, tb[k]):
-            raise AssertionError(f"{tool}: tensor {k} differs after load")
 
 
 # ---------------------------------------------------------------- the tools

@@ -2,15 +2,14 @@
 
 #include <zlib.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include <algorithm>
 #include <climits>
 #include <cstring>
 #include <vector>
 
+#include "block_hash.h"
+#include "huf_frame.h"
+#include "planes.h"
 #include "third_party/zstd/zstd.h"
 
 namespace shardckpt {
@@ -72,6 +71,14 @@ class Workspace {
     return planes_.data();
   }
 
+  HufFrameEncoder& huf() { return huf_; }
+
+  // Room for a sample's Huffman frame (never read back).
+  uint8_t* sample_buf(size_t n) {
+    if (sample_.size() < n) sample_.resize(n);
+    return sample_.data();
+  }
+
  private:
   static void check(size_t r, const char* what) {
     if (ZSTD_isError(r)) throw CodecError(std::string("zstd ") + what + ": " + ZSTD_getErrorName(r));
@@ -82,6 +89,8 @@ class Workspace {
   int level_ = INT_MIN;
   std::vector<uint8_t> zbuf_;
   std::vector<uint8_t> planes_;
+  std::vector<uint8_t> sample_;
+  HufFrameEncoder huf_;
 };
 
 Workspace& workspace() {
@@ -89,154 +98,84 @@ Workspace& workspace() {
   return ws;
 }
 
-// The raw-or-zstd decision of one plane; mirrors codec._encode_plane.
-size_t encode_plane(Workspace& ws, const uint8_t* src, size_t n, int level, size_t sample_size,
-                    uint8_t* dst, char* kind) {
+size_t store_raw(const uint8_t* src, size_t n, uint8_t* dst, char* kind) {
+  std::memcpy(dst, src, n);
+  *kind = kModeRaw;
+  return n;
+}
+
+// The legacy choice, byte for byte what the Python reference (_encode_plane)
+// writes: raw if a sample barely shrinks or zstd does not shrink the whole,
+// else one regular zstd frame.
+size_t encode_plane_zstd(Workspace& ws, const uint8_t* src, size_t n, int level,
+                         size_t sample_size, uint8_t* dst, char* kind) {
   // A plane whose sample barely shrinks is noise (low mantissa bytes):
   // compressing all of it would burn CPU for nothing.
   if (n >= 2 * sample_size) {
     const size_t s = ws.compress(src, sample_size, level);
-    if (s * 20 > sample_size * 19) {
-      std::memcpy(dst, src, n);
-      *kind = kModeRaw;
-      return n;
-    }
+    if (s * 20 > sample_size * 19) return store_raw(src, n, dst, kind);
   }
   const size_t z = ws.compress(src, n, level);
-  if (z >= n) {
-    std::memcpy(dst, src, n);
-    *kind = kModeRaw;
-    return n;
-  }
+  if (z >= n) return store_raw(src, n, dst, kind);
   std::memcpy(dst, ws.compressed(), z);
   *kind = kModeZstd;
   return z;
 }
 
-// Plane k holds byte (group-1-k) of every element: the sign/exponent byte of
-// a little-endian float comes first. The 2- and 4-byte cases make one pass
-// over the input that feeds all planes; on x86-64 they use SSE2 (always
-// present there), which is ~7x faster than the byte loop the compiler emits
-// for strided byte access. Byte positions are memory order, so the result
-// does not depend on the host's endianness.
-void split_planes(const uint8_t* src, size_t m, int group, uint8_t* planes) {
-  size_t i = 0;
-  if (group == 4) {
-    uint8_t* p0 = planes;
-    uint8_t* p1 = planes + m;
-    uint8_t* p2 = planes + 2 * m;
-    uint8_t* p3 = planes + 3 * m;
-#if defined(__SSE2__)
-    const __m128i lo = _mm_set1_epi32(0xFF);
-    for (; i + 16 <= m; i += 16) {
-      __m128i v[4];
-      for (int j = 0; j < 4; ++j) {
-        v[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 4 * i + 16 * j));
-      }
-      // Isolate byte `shift/8` of each 32-bit lane, then narrow 32 -> 16 -> 8
-      // bits; the lanes hold 0..255, so the saturating packs are exact.
-      auto plane = [&](int shift) {
-        const __m128i xmm_shift = _mm_cvtsi32_si128(shift);
-        __m128i a = _mm_and_si128(_mm_srl_epi32(v[0], xmm_shift), lo);
-        __m128i b = _mm_and_si128(_mm_srl_epi32(v[1], xmm_shift), lo);
-        __m128i c = _mm_and_si128(_mm_srl_epi32(v[2], xmm_shift), lo);
-        __m128i d = _mm_and_si128(_mm_srl_epi32(v[3], xmm_shift), lo);
-        return _mm_packus_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d));
-      };
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p0 + i), plane(24));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p1 + i), plane(16));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p2 + i), plane(8));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p3 + i), plane(0));
-    }
-#endif
-    for (; i < m; ++i) {
-      const uint8_t* e = src + 4 * i;
-      p0[i] = e[3];
-      p1[i] = e[2];
-      p2[i] = e[1];
-      p3[i] = e[0];
-    }
-  } else if (group == 2) {
-    uint8_t* p0 = planes;
-    uint8_t* p1 = planes + m;
-#if defined(__SSE2__)
-    const __m128i lo = _mm_set1_epi16(0xFF);
-    for (; i + 16 <= m; i += 16) {
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i + 16));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p0 + i),
-                       _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p1 + i),
-                       _mm_packus_epi16(_mm_and_si128(a, lo), _mm_and_si128(b, lo)));
-    }
-#endif
-    for (; i < m; ++i) {
-      p0[i] = src[2 * i + 1];
-      p1[i] = src[2 * i];
-    }
-  } else {
-    for (int k = 0; k < group; ++k) {
-      uint8_t* p = planes + static_cast<size_t>(k) * m;
-      const uint8_t* s = src + (group - 1 - k);
-      for (size_t j = 0; j < m; ++j) p[j] = s[j * group];
-    }
+// Raw, a Huffman-only frame or a regular zstd frame, from one sample coded
+// both ways. zstd's literals are Huffman-coded with the same tables, so on the
+// sample zstd can only beat Huffman by the matches it finds; when they are
+// worth less than 10 % (the usual case for exponent bytes, which are skewed
+// but hardly repeat), the Huffman-only frame gives about the same ratio at
+// several times the speed. Matches win on runs (zeros of untouched embedding
+// rows in Adam moments), and so does any byte that fills over half the
+// sample: Huffman spends at least a bit on every byte, zstd nothing in a run.
+// The sample is pieces spread over the whole plane, not its head: a tensor
+// whose first rows differ from the rest would otherwise be misjudged.
+size_t encode_plane_auto(Workspace& ws, const uint8_t* src, size_t n, int level,
+                         size_t sample_size, uint8_t* dst, char* kind, bool force_huf) {
+  constexpr size_t kPieces = 16;
+  if (n < 2 * sample_size || sample_size < kPieces) {
+    return encode_plane_zstd(ws, src, n, level, sample_size, dst, kind);
   }
+  bool huf = force_huf;
+  if (!huf) {
+    uint8_t* sample = ws.sample_buf(2 * sample_size);
+    const size_t piece = sample_size / kPieces;
+    const size_t len = piece * kPieces;
+    for (size_t j = 0; j < kPieces; ++j) {
+      std::memcpy(sample + j * piece, src + j * ((n - piece) / (kPieces - 1)), piece);
+    }
+    uint32_t count[256] = {};
+    for (size_t i = 0; i < len; ++i) ++count[sample[i]];
+    const size_t top = *std::max_element(count, count + 256);
+    const size_t z = ws.compress(sample, len, level);
+    size_t h = ws.huf().encode(sample, len, sample + sample_size, len);
+    if (h == 0) h = len;
+    if (std::min(z, h) * 20 > len * 19) return store_raw(src, n, dst, kind);
+    huf = z * 10 >= h * 9 && top * 2 <= len;
+  }
+  if (huf) {
+    // Anything not shorter than the plane is no better than raw.
+    const size_t len = ws.huf().encode(src, n, dst, n - 1);
+    if (len == 0) return store_raw(src, n, dst, kind);
+    *kind = kModeZstd;
+    return len;
+  }
+  const size_t z = ws.compress(src, n, level);
+  if (z >= n) return store_raw(src, n, dst, kind);
+  std::memcpy(dst, ws.compressed(), z);
+  *kind = kModeZstd;
+  return z;
 }
 
-void merge_planes(const uint8_t* const* planes, size_t m, int group, uint8_t* out) {
-  size_t i = 0;
-  if (group == 4) {
-    const uint8_t* p0 = planes[0];
-    const uint8_t* p1 = planes[1];
-    const uint8_t* p2 = planes[2];
-    const uint8_t* p3 = planes[3];
-#if defined(__SSE2__)
-    for (; i + 16 <= m; i += 16) {
-      const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + i));
-      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + i));
-      const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p2 + i));
-      const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p3 + i));
-      // (byte0, byte1) pairs from planes 3 and 2, (byte2, byte3) from 1 and 0.
-      const __m128i l01 = _mm_unpacklo_epi8(a3, a2);
-      const __m128i h01 = _mm_unpackhi_epi8(a3, a2);
-      const __m128i l23 = _mm_unpacklo_epi8(a1, a0);
-      const __m128i h23 = _mm_unpackhi_epi8(a1, a0);
-      uint8_t* o = out + 4 * i;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(l01, l23));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(l01, l23));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(h01, h23));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(h01, h23));
-    }
-#endif
-    for (; i < m; ++i) {
-      uint8_t* e = out + 4 * i;
-      e[0] = p3[i];
-      e[1] = p2[i];
-      e[2] = p1[i];
-      e[3] = p0[i];
-    }
-  } else if (group == 2) {
-    const uint8_t* p0 = planes[0];
-    const uint8_t* p1 = planes[1];
-#if defined(__SSE2__)
-    for (; i + 16 <= m; i += 16) {
-      const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + i));
-      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1 + i));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(a1, a0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(a1, a0));
-    }
-#endif
-    for (; i < m; ++i) {
-      out[2 * i] = p1[i];
-      out[2 * i + 1] = p0[i];
-    }
-  } else {
-    for (int k = 0; k < group; ++k) {
-      const uint8_t* p = planes[k];
-      uint8_t* d = out + (group - 1 - k);
-      for (size_t j = 0; j < m; ++j) d[j * group] = p[j];
-    }
+size_t encode_plane(Workspace& ws, const uint8_t* src, size_t n, int level, size_t sample_size,
+                    uint8_t* dst, char* kind, Strategy strategy) {
+  if (strategy == Strategy::kZstd) {
+    return encode_plane_zstd(ws, src, n, level, sample_size, dst, kind);
   }
+  return encode_plane_auto(ws, src, n, level, sample_size, dst, kind,
+                           strategy == Strategy::kHuffman);
 }
 
 }  // namespace
@@ -247,8 +186,10 @@ uint32_t crc32(const uint8_t* data, size_t n) {
 }
 
 BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress, int level,
-                         size_t sample_size, uint8_t* dst) {
+                         size_t sample_size, uint8_t* dst, Strategy strategy, uint8_t* hash) {
   if (group < 1 || group > kMaxGroup) throw CodecError("group must be in 1..16");
+  // Hashed first, on this thread: the bytes are then in cache for the split.
+  if (hash != nullptr) block_hash(raw, n, hash);
   BlockRecord rec;
   rec.raw_len = n;
   if (!compress || n == 0) {
@@ -257,7 +198,7 @@ BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress,
     rec.mode = kModeRaw;
   } else if (group == 1) {
     char kind = kModeRaw;
-    rec.stored_len = encode_plane(workspace(), raw, n, level, sample_size, dst, &kind);
+    rec.stored_len = encode_plane(workspace(), raw, n, level, sample_size, dst, &kind, strategy);
     rec.mode = kind;
   } else {
     if (n % static_cast<size_t>(group) != 0) {
@@ -271,7 +212,7 @@ BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress,
     size_t off = 0;
     for (int k = 0; k < group; ++k) {
       const size_t len = encode_plane(ws, planes + k * m, m, level, sample_size, dst + off,
-                                      &rec.kinds[k]);
+                                      &rec.kinds[k], strategy);
       rec.lens[k] = len;
       off += len;
     }

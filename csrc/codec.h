@@ -1,8 +1,10 @@
 // Block codec core: byte-grouping + zstd + crc32, free of any Python API so
 // that it can run on pool threads without the GIL.
 //
-// The output must be byte-identical to shardckpt/codec.py (py_encode_block):
-// docs/FORMAT.md is the contract, the Python code is the reference.
+// docs/FORMAT.md is the contract. Strategy::kZstd writes exactly what the
+// Python reference (shardckpt/codec/reference.py) writes; the default,
+// kAuto, writes different but equally standard zstd frames, so each path
+// decodes the other's blocks bitwise.
 #pragma once
 
 #include <cstddef>
@@ -36,13 +38,22 @@ class CodecError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// How a compressible plane becomes a zstd frame.
+enum class Strategy {
+  kZstd = 0,     // regular zstd frames only: byte-identical to the Python reference
+  kAuto = 1,     // per plane, a Huffman-only frame or a regular one (huf_frame.h)
+  kHuffman = 2,  // Huffman-only frames for every plane of 2 * sample_size or more (tests)
+};
+
 uint32_t crc32(const uint8_t* data, size_t n);
 
 // Encodes raw[0, n) into dst, which must hold at least n bytes: every stored
 // form is at most as long as the raw bytes, because a plane that does not
-// shrink is stored raw.
+// shrink is stored raw. With `hash`, also writes the block's 16-byte content
+// digest there (block_hash.h).
 BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress, int level,
-                         size_t sample_size, uint8_t* dst);
+                         size_t sample_size, uint8_t* dst, Strategy strategy = Strategy::kAuto,
+                         uint8_t* hash = nullptr);
 
 // Checks that a record is self-consistent, with every length checked so that
 // no sum can wrap: kinds are known, the raw length divides into the planes, a

@@ -11,13 +11,17 @@
 #include <string>
 #include <vector>
 
+#include "block_hash.h"
 #include "codec.h"
+#include "records.h"
 #include "thread_pool.h"
 
 namespace {
 
 using shardckpt::BlockRecord;
 using shardckpt::CodecError;
+using shardckpt::parse_record;
+using shardckpt::record_to_list;
 
 constexpr const char* kVersion = "0.1.0";
 
@@ -38,143 +42,6 @@ bool get_buffer(PyObject* obj, Buffer* buf, bool writable) {
   if (PyObject_GetBuffer(obj, &buf->view, flags) != 0) return false;
   buf->held = true;
   return true;
-}
-
-// Builds the record exactly as py_encode_block does: [stored, raw, crc, mode]
-// plus [kinds, [plane lengths]] for grouped blocks.
-PyObject* record_to_list(const BlockRecord& r) {
-  const bool grouped = r.mode == shardckpt::kModeGrouped;
-  PyObject* list = PyList_New(grouped ? 6 : 4);
-  if (list == nullptr) return nullptr;
-  PyObject* items[4] = {PyLong_FromSize_t(r.stored_len), PyLong_FromSize_t(r.raw_len),
-                        PyLong_FromUnsignedLong(r.crc), PyUnicode_FromStringAndSize(&r.mode, 1)};
-  for (int i = 0; i < 4; ++i) {
-    if (items[i] == nullptr) {
-      for (int j = i + 1; j < 4; ++j) Py_XDECREF(items[j]);
-      Py_DECREF(list);
-      return nullptr;
-    }
-    PyList_SET_ITEM(list, i, items[i]);
-  }
-  if (grouped) {
-    PyObject* kinds = PyUnicode_FromStringAndSize(r.kinds, r.group);
-    if (kinds == nullptr) {
-      Py_DECREF(list);
-      return nullptr;
-    }
-    PyList_SET_ITEM(list, 4, kinds);
-    PyObject* lens = PyList_New(r.group);
-    if (lens == nullptr) {
-      Py_DECREF(list);
-      return nullptr;
-    }
-    PyList_SET_ITEM(list, 5, lens);
-    for (int k = 0; k < r.group; ++k) {
-      PyObject* v = PyLong_FromSize_t(r.lens[k]);
-      if (v == nullptr) {
-        Py_DECREF(list);
-        return nullptr;
-      }
-      PyList_SET_ITEM(lens, k, v);
-    }
-  }
-  return list;
-}
-
-// A record length or checksum: a Python int in [0, 2**64). Anything else
-// (negative, too large, float, str, list, None) is refused without raising.
-bool parse_size(PyObject* obj, size_t* out) {
-  // bool is an int subclass in Python; the format (and the Python twin) reject it.
-  if (!PyLong_Check(obj) || PyBool_Check(obj)) return false;
-  *out = PyLong_AsSize_t(obj);
-  if (*out == static_cast<size_t>(-1) && PyErr_Occurred()) {
-    PyErr_Clear();
-    return false;
-  }
-  return true;
-}
-
-// Parses and validates one record; on failure sets *why and returns false
-// without a Python error set (the caller names the block).
-bool parse_record(PyObject* obj, BlockRecord* r, std::string* why) {
-  PyObject* seq = PySequence_Fast(obj, "");
-  if (seq == nullptr) {
-    PyErr_Clear();
-    *why = "record is not a list";
-    return false;
-  }
-  bool ok = false;
-  const Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-  PyObject** it = PySequence_Fast_ITEMS(seq);
-  size_t crc = 0;
-  const char* mode = nullptr;
-  Py_ssize_t mode_len = 0;
-  do {
-    if (len < 4 || !parse_size(it[0], &r->stored_len) || !parse_size(it[1], &r->raw_len) ||
-        !parse_size(it[2], &crc) || crc > 0xFFFFFFFFu || !PyUnicode_Check(it[3])) {
-      *why = "malformed block record";
-      break;
-    }
-    r->crc = static_cast<uint32_t>(crc);
-    mode = PyUnicode_AsUTF8AndSize(it[3], &mode_len);
-    if (mode == nullptr || mode_len != 1) {
-      PyErr_Clear();
-      *why = "malformed block mode";
-      break;
-    }
-    r->mode = mode[0];
-    // Exactly the fields the format defines: 4, or 6 for byte planes.
-    if (len != (r->mode == shardckpt::kModeGrouped ? 6 : 4)) {
-      *why = "malformed block record (wrong number of fields)";
-      break;
-    }
-    if (r->mode == shardckpt::kModeGrouped) {
-      if (len < 6 || !PyUnicode_Check(it[4]) || !(PyList_Check(it[5]) || PyTuple_Check(it[5]))) {
-        *why = "malformed grouped block record";
-        break;
-      }
-      Py_ssize_t nk = 0;
-      const char* kinds = PyUnicode_AsUTF8AndSize(it[4], &nk);
-      // Kinds are ASCII letters: a non-ASCII string's UTF-8 bytes would be
-      // counted as planes.
-      bool ascii = kinds != nullptr;
-      for (Py_ssize_t k = 0; ascii && k < nk; ++k) {
-        ascii = static_cast<unsigned char>(kinds[k]) < 0x80;
-      }
-      if (!ascii) {
-        PyErr_Clear();
-        *why = "malformed plane kinds";
-        break;
-      }
-      // One length per plane: a list longer or shorter than the kinds string
-      // is a damaged record, not something to index past.
-      if (kinds == nullptr || nk < 2 || nk > shardckpt::kMaxGroup ||
-          PySequence_Fast_GET_SIZE(it[5]) != nk) {
-        PyErr_Clear();
-        *why = "malformed plane list";
-        break;
-      }
-      r->group = static_cast<int>(nk);
-      bool lens_ok = true;
-      for (Py_ssize_t k = 0; k < nk; ++k) {
-        r->kinds[k] = kinds[k];
-        lens_ok = lens_ok && parse_size(PySequence_Fast_GET_ITEM(it[5], k), &r->lens[k]);
-      }
-      if (!lens_ok) {
-        *why = "malformed plane lengths";
-        break;
-      }
-    }
-    try {
-      shardckpt::validate_record(*r);
-    } catch (const CodecError& e) {
-      *why = e.what();
-      break;
-    }
-    ok = true;
-  } while (false);
-  Py_DECREF(seq);
-  return ok;
 }
 
 // ValueError carrying .block_index and .reason, so shardckpt.codec can turn it
@@ -209,15 +76,40 @@ bool check_group(int group) {
   return true;
 }
 
+// Appends each 16-byte digest to `list` as bytes; false with a Python error set.
+bool append_digests(PyObject* list, const std::vector<uint8_t>& digests, size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    PyObject* d = PyBytes_FromStringAndSize(
+        reinterpret_cast<const char*>(digests.data() + i * shardckpt::kHashSize),
+        shardckpt::kHashSize);
+    if (d == nullptr) return false;
+    const int rc = PyList_Append(list, d);
+    Py_DECREF(d);
+    if (rc != 0) return false;
+  }
+  return true;
+}
+
+bool parse_strategy(int v, shardckpt::Strategy* out) {
+  if (v < 0 || v > 2) {
+    PyErr_Format(PyExc_ValueError, "strategy must be 0 (zstd), 1 (auto) or 2 (huffman), not %d", v);
+    return false;
+  }
+  *out = static_cast<shardckpt::Strategy>(v);
+  return true;
+}
+
 // ---------------------------------------------------------------- functions
 
 PyObject* py_encode_block(PyObject*, PyObject* args) {
   PyObject* raw_obj;
-  int group, compress, level;
+  int group, compress, level, strategy_arg = 1;
   Py_ssize_t sample;
-  if (!PyArg_ParseTuple(args, "Oipin:encode_block", &raw_obj, &group, &compress, &level, &sample))
+  if (!PyArg_ParseTuple(args, "Oipin|i:encode_block", &raw_obj, &group, &compress, &level, &sample,
+                        &strategy_arg))
     return nullptr;
-  if (!check_group(group)) return nullptr;
+  shardckpt::Strategy strategy;
+  if (!check_group(group) || !parse_strategy(strategy_arg, &strategy)) return nullptr;
   if (sample < 0) return PyErr_Format(PyExc_ValueError, "sample_size must be >= 0");
   Buffer raw;
   if (!get_buffer(raw_obj, &raw, false)) return nullptr;
@@ -231,7 +123,7 @@ PyObject* py_encode_block(PyObject*, PyObject* args) {
   try {
     rec = shardckpt::encode_block(raw.data(), raw.size(), group, compress != 0, level,
                                   static_cast<size_t>(sample),
-                                  reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out)));
+                                  reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out)), strategy);
   } catch (const std::exception& e) {
     err = e.what();
   }
@@ -289,12 +181,18 @@ PyObject* py_decode_block(PyObject*, PyObject* args) {
 
 PyObject* py_encode_blocks(PyObject*, PyObject* args) {
   PyObject* raw_obj;
-  int group, compress, level, threads;
+  PyObject* hashes_obj = Py_None;
+  int group, compress, level, threads, strategy_arg = 1;
   Py_ssize_t block_size, sample;
-  if (!PyArg_ParseTuple(args, "Oipinni:encode_blocks", &raw_obj, &group, &compress, &level,
-                        &block_size, &sample, &threads))
+  if (!PyArg_ParseTuple(args, "Oipinni|iO:encode_blocks", &raw_obj, &group, &compress, &level,
+                        &block_size, &sample, &threads, &strategy_arg, &hashes_obj))
     return nullptr;
-  if (!check_group(group)) return nullptr;
+  shardckpt::Strategy strategy;
+  if (!check_group(group) || !parse_strategy(strategy_arg, &strategy)) return nullptr;
+  if (hashes_obj != Py_None && !PyList_Check(hashes_obj)) {
+    return PyErr_Format(PyExc_TypeError, "hashes must be a list or None");
+  }
+  const bool want_hashes = hashes_obj != Py_None;
   if (block_size <= 0 || sample < 0)
     return PyErr_Format(PyExc_ValueError, "block_size must be > 0 and sample_size >= 0");
   Buffer raw;
@@ -321,6 +219,7 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
   }
   std::vector<BlockRecord> recs(nblocks);
   std::vector<std::string> errs(nblocks);
+  std::vector<uint8_t> digests(want_hashes ? nblocks * shardckpt::kHashSize : 0);
   const uint8_t* src = raw.data();
   std::string pool_err;
   Py_BEGIN_ALLOW_THREADS
@@ -328,8 +227,9 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
     shardckpt::ThreadPool::instance().parallel_for(nblocks, threads, [&](size_t i) {
       const size_t len = std::min(bs, n - i * bs);
       try {
-        recs[i] = shardckpt::encode_block(src + i * bs, len, group, compress != 0, level,
-                                          static_cast<size_t>(sample), dsts[i]);
+        recs[i] = shardckpt::encode_block(
+            src + i * bs, len, group, compress != 0, level, static_cast<size_t>(sample), dsts[i],
+            strategy, want_hashes ? digests.data() + i * shardckpt::kHashSize : nullptr);
       } catch (const std::exception& e) {
         errs[i] = e.what();
       }
@@ -371,6 +271,47 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
       return nullptr;
     }
     PyList_SET_ITEM(result, static_cast<Py_ssize_t>(i), pair);
+  }
+  if (want_hashes && !append_digests(hashes_obj, digests, nblocks)) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  return result;
+}
+
+PyObject* py_hash_buffer(PyObject*, PyObject* args) {
+  PyObject* raw_obj;
+  Py_ssize_t block_size;
+  int threads;
+  if (!PyArg_ParseTuple(args, "Oni:hash_buffer", &raw_obj, &block_size, &threads)) return nullptr;
+  if (block_size <= 0) return PyErr_Format(PyExc_ValueError, "block_size must be > 0");
+  Buffer raw;
+  if (!get_buffer(raw_obj, &raw, false)) return nullptr;
+  const size_t n = raw.size();
+  const size_t bs = static_cast<size_t>(block_size);
+  const size_t nblocks = (n + bs - 1) / bs;
+  std::vector<uint8_t> digests(nblocks * shardckpt::kHashSize);
+  const uint8_t* src = raw.data();
+  std::string pool_err;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    shardckpt::ThreadPool::instance().parallel_for(nblocks, threads, [&](size_t i) {
+      shardckpt::block_hash(src + i * bs, std::min(bs, n - i * bs),
+                            digests.data() + i * shardckpt::kHashSize);
+    });
+  } catch (const std::exception& e) {
+    pool_err = e.what();
+  }
+  Py_END_ALLOW_THREADS
+  if (!pool_err.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, pool_err.c_str());
+    return nullptr;
+  }
+  PyObject* result = PyList_New(0);
+  if (result == nullptr) return nullptr;
+  if (!append_digests(result, digests, nblocks)) {
+    Py_DECREF(result);
+    return nullptr;
   }
   return result;
 }
@@ -470,12 +411,16 @@ PyObject* py_zstd_version(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"encode_block", py_encode_block, METH_VARARGS,
-     "encode_block(raw, group, compress, level, sample_size) -> (bytes, record)"},
+     "encode_block(raw, group, compress, level, sample_size, strategy=1) -> (bytes, record);"
+     " strategy 0: regular zstd frames (the Python reference's bytes), 1: auto, 2: Huffman-only"},
     {"decode_block", py_decode_block, METH_VARARGS,
      "decode_block(stored, record, out) -> None; does not check the crc"},
     {"encode_blocks", py_encode_blocks, METH_VARARGS,
-     "encode_blocks(raw, group, compress, level, block_size, sample_size, threads)"
-     " -> [(bytes, record), ...]"},
+     "encode_blocks(raw, group, compress, level, block_size, sample_size, threads, strategy=1,"
+     " hashes=None) -> [(bytes, record), ...]; a `hashes` list gets each block's XXH3-128"
+     " digest of the raw bytes appended, in block order"},
+    {"hash_buffer", py_hash_buffer, METH_VARARGS,
+     "hash_buffer(raw, block_size, threads) -> [16-byte XXH3-128 digest of each block]"},
     {"decode_blocks", py_decode_blocks, METH_VARARGS,
      "decode_blocks(stored, records, out, threads, verify_crc) -> None; blocks lie back to back"
      " in stored and in out; raises ValueError with .block_index and .reason"},

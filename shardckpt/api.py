@@ -25,6 +25,7 @@ from .errors import LoadFailedError, MissingKeysError, SaveFailedError, Shardckp
 from .format.keys import key_mapper, model_key_map
 from .io.data_writer import typed_write_error
 from .io.reader import CheckpointReader
+from .io.storage import norm_path
 
 log = logging.getLogger("shardckpt")
 
@@ -116,6 +117,7 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          compression: str = "zstd", level: int = 1, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
          threads: int | None = None, overwrite: bool = True,
          metadata: dict | None = None, timeout: float | None = None,
+         storage_options: dict | None = None,
          base: str | os.PathLike | None = None) -> SaveResult:
     """Save `state` as a sharded checkpoint at `path`; every rank calls it.
 
@@ -126,6 +128,10 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     becomes visible only after every rank's data is durable and rank 0 has
     committed the manifest. A rank that calls it while others of the group do not
     gets CollectiveTimeoutError after `timeout` seconds (default 600).
+
+    `path` may be a URL (s3://bucket/prefix/name, any fsspec URL): every rank
+    streams its data to the store, no shared filesystem needed (docs/STORAGE.md);
+    `storage_options` (endpoint, credentials, part size) apply to its bucket.
 
     `base`: an earlier checkpoint in the same directory; every block identical to
     one it (or a checkpoint it references) holds is referenced, not written again.
@@ -138,7 +144,7 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
         threads = codec.blocking_threads()
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
                          threads=threads, overwrite=overwrite, user_metadata=metadata,
-                         base=base)
+                         storage_options=storage_options, base=base)
     try:
         with quiet_no_dist():
             md = dcp.save(state, storage_writer=writer, process_group=process_group,
@@ -150,7 +156,7 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
             raise
         raise err from e
     totals = md.storage_data if isinstance(getattr(md, "storage_data", None), dict) else {}
-    return SaveResult(path=os.path.abspath(os.fspath(path)), seconds=time.perf_counter() - t0,
+    return SaveResult(path=norm_path(path), seconds=time.perf_counter() - t0,
                       bytes_written=int(totals.get("bytes_written", 0)),
                       bytes_logical=int(totals.get("bytes_logical", 0)))
 
@@ -186,7 +192,8 @@ def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          strict: bool = True, threads: int | None = None, verify: bool = True,
          include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
          strip_prefix: str | Sequence[str] | None = None,
-         rename: dict[str, str] | None = None, timeout: float | None = None) -> LoadReport:
+         rename: dict[str, str] | None = None, timeout: float | None = None,
+         storage_options: dict | None = None) -> LoadReport:
     """Load a checkpoint into `state` in place, at any world size (DCP semantics).
 
     With `strict`, keys missing from the checkpoint, keys of the checkpoint that
@@ -203,7 +210,8 @@ def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
         threads = codec.blocking_threads()  # the caller waits for the load: use every CPU
     # Opened once, with typed errors before any collective starts, on every rank.
     ckpt = _open_everywhere(path, process_group, timeout, threads=threads, verify=verify,
-                            key_map=key_mapper(strip_prefix, rename))
+                            key_map=key_mapper(strip_prefix, rename),
+                            storage_options=storage_options)
     try:
         return load_open(as_state(state), ckpt, process_group=process_group, strict=strict,
                          scope=_scope(include, exclude))

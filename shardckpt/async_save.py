@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from . import api, codec
 from .dcp.join import join
+from .gpu import staging as gpu_staging
 
 log = logging.getLogger("shardckpt")
 _ALIGN = 64
@@ -92,6 +93,10 @@ class StagingPool:
 
     def stage(self, tree: Any) -> Any:
         """A copy of `tree` whose tensors live in the arena (the caller checked `fits`)."""
+        # GPU data path (shardckpt/gpu, docs/GPU.md): CUDA tensors go through the
+        # extension's pinned pool and copy streams instead of this arena.
+        if gpu_staging.handles(tree):
+            return gpu_staging.stage_for(self, tree)
         self._ensure(staged_bytes(tree))
         state = {"off": 0, "cuda": False}
 
@@ -237,7 +242,7 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
     handle = AsyncSaveHandle(path, time.perf_counter() - t0)
 
     def run() -> None:
-        codec.lower_thread_priority()  # the writer thread it starts inherits this
+        codec.lower_thread_priority(background=True)  # the writer thread inherits this
         try:
             # Training runs meanwhile: leave it half the cores.
             save_kwargs.setdefault("threads", codec.default_threads())

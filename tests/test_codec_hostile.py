@@ -190,6 +190,18 @@ def _corpus() -> list[tuple[bytes, list[list], bytes]]:
     raw = w[:700].tobytes()
     blocks = [codec.py_encode_block(memoryview(raw)[i:i + 1024], 4, cfg) for i in range(0, len(raw), 1024)]
     out.append((b"".join(s for s, _ in blocks), [r for _, r in blocks], raw))
+    if codec.native_available():
+        # The native encoder's Huffman-only frames (strategy 2): a plane of more
+        # than one zstd block, so later blocks reuse the first one's table, and
+        # a plane with a raw block between two Huffman ones.
+        from shardckpt import _native  # type: ignore[attr-defined]
+        exps = (120 + np.clip(rng.normal(0, 1.5, 140_000), -110, 130)).astype(np.uint8)
+        bf16 = np.stack([rng.integers(0, 256, exps.size, dtype=np.uint8), exps], 1).tobytes()
+        mixed = np.concatenate([exps[:70_000], rng.integers(0, 256, 140_000, dtype=np.uint8),
+                                exps[70_000:]]).tobytes()
+        for raw, group in ((bf16, 2), (mixed, 1)):
+            blocks = _native.encode_blocks(raw, group, True, 1, len(raw), 4096, 1, 2)
+            out.append((b"".join(s for s, _ in blocks), [list(r) for _, r in blocks], raw))
     modes = {r[3] for _, recs, _ in out for r in recs}
     kinds = {k for _, recs, _ in out for r in recs if r[3] == "g" for k in r[4]}
     assert modes == {"r", "z", "g"} and kinds == {"r", "z"}, (modes, kinds)

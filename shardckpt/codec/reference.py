@@ -1,7 +1,8 @@
 """The pure-Python reference codec (numpy + zstandard); csrc/ is its native twin.
 
-It defines the format's bytes: the native encoder must produce the same stored
-bytes for the same input and settings (docs/FORMAT.md, "Choosing raw or zstd").
+Its encoder is the native one's legacy strategy, byte for byte; the native
+default writes other (Huffman-only) zstd frames for skewed planes, which this
+decoder reads like any zstd frame (docs/FORMAT.md, "Choosing raw or zstd").
 """
 
 from __future__ import annotations

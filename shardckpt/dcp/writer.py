@@ -24,8 +24,8 @@ from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
 from ..io import dedupe
-from ..io.commit import Commit
 from ..io.data_writer import DataFileWriter, tensor_bytes
+from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
 from .metadata import RankFile, manifest_from_results
 
 log = logging.getLogger("shardckpt")
@@ -37,6 +37,7 @@ class _RankPlan:
 
     staging: str
     rank: int
+    rel: str = ""  # the data file's name (object stores: unique per save)
     base: str | None = None  # incremental: the base every rank dedupes against
 
 
@@ -47,6 +48,7 @@ class ShardWriter(StorageWriter):
                  level: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
                  threads: int | None = None, overwrite: bool = True,
                  user_metadata: dict | None = None,
+                 storage_options: dict | None = None,
                  base: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.base = None if base is None else os.fspath(base)
@@ -56,10 +58,11 @@ class ShardWriter(StorageWriter):
         self.threads = threads
         self.overwrite = overwrite
         self.user_metadata = dict(user_metadata or {})
+        self.storage_options = storage_options
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
         self._plans: list[SavePlan] = []
-        self._commit: Commit | None = None
+        self._commit: CheckpointWrite | None = None
 
     # -- StorageWriter protocol
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -85,9 +88,10 @@ class ShardWriter(StorageWriter):
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
         self._base_used = dedupe.choose_base(self.base, self.path, plans)
-        self._commit = Commit.create(self.path, overwrite=self.overwrite, save_id=self.save_id,
-                                     world_size=len(plans))
-        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(self._commit.staging, i,
+        self._commit = storage_for(self.path, self.storage_options).begin_commit(
+            self.path, overwrite=self.overwrite, save_id=self.save_id, world_size=len(plans))
+        c = self._commit
+        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(c.staging, i, c.data_name(i),
                                                                      self._base_used))
                        for i, p in enumerate(plans)]
         return self._plans
@@ -105,7 +109,7 @@ class ShardWriter(StorageWriter):
                          info: _RankPlan) -> list[WriteResult]:
         if not plan.items:
             return []
-        rel = data_file_name(info.rank)
+        rel = info.rel or data_file_name(info.rank)
         t0 = time.perf_counter()
 
         def payloads() -> Iterator[tuple[memoryview, int]]:
@@ -116,9 +120,11 @@ class ShardWriter(StorageWriter):
                 else:
                     yield tensor_bytes(data), group_size(data.dtype)
 
-        path = os.path.join(info.staging, rel)
+        path = join(info.staging, rel)
+        sink = (storage_for(path, self.storage_options).open_sink(path, info.rank)
+                if is_url(path) else None)
         index = self._index = dedupe.index_for(info.base, self.path)
-        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank,
+        with DataFileWriter(path, rel, self.cfg, self.threads, rank=info.rank, sink=sink,
                             base_index=index) as out:
             records = out.append_many(payloads())
         rf = RankFile(file=rel, rank=info.rank, size=out.size, crc32=out.crc)
@@ -128,7 +134,7 @@ class ShardWriter(StorageWriter):
                 for item, rec in zip(plan.items, records)]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        final = os.path.abspath(self.path)
+        final = norm_path(self.path)
         if self._commit is None:
             raise SaveFailedError(f"{final}: finish() without a prepared plan")
         expected = {i: len(p.items) for i, p in enumerate(self._plans)}
@@ -140,6 +146,8 @@ class ShardWriter(StorageWriter):
             manifest = dataclasses.replace(manifest, bases=index.bases_for(manifest))
         staging = self._commit.staging
         for rel, fi in manifest.files.items():
+            if is_url(staging):
+                break  # an object store's commit checks every size itself (objstore/commit.py)
             p = os.path.join(staging, rel)
             try:
                 size = os.path.getsize(p)

@@ -12,13 +12,14 @@ import numpy as np
 
 DEFAULT_BLOCK_SIZE = 4 << 20  # measured: the smallest size that meets every ratio target (benchmarks/codec.py)
 MAX_BLOCK_SIZE = 1 << 30
-# A plane whose first SAMPLE_SIZE bytes shrink by less than 5 % is stored raw:
-# low mantissa bytes are noise, and compressing noise only burns CPU.
+# A plane whose sample of SAMPLE_SIZE bytes (its head in the Python encoder,
+# pieces spread over it in the native one) shrinks by less than 5 % is stored
+# raw: low mantissa bytes are noise, and compressing noise only burns CPU.
 SAMPLE_SIZE = 4096
 
 # Block modes, the 4th field of a block record:
 #   [stored_len, raw_len, crc32, "r"]                       raw
-#   [stored_len, raw_len, crc32, "z"]                       one zstd frame
+#   [stored_len, raw_len, crc32, "z"]                       one zstd frame (declaring its size)
 #   [stored_len, raw_len, crc32, "g", "zzrr", [l0, ..]]     byte planes
 # crc32 (zlib polynomial) covers the stored bytes of the block.
 MODE_RAW = "r"

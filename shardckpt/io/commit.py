@@ -36,6 +36,7 @@ from ..format.names import (
     PARTIAL_MARKER,
     DirState,
     Leftover,
+    data_file_name,
     parse_leftover,
     parse_temp,
     staging_name,
@@ -175,6 +176,9 @@ class Commit:
                 raise typed_commit_error(e, final, "creating the staging directory") from e
             raise
         return cls(final, staging, overwrite)
+
+    def data_name(self, rank: int) -> str:
+        return data_file_name(rank)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -49,9 +49,12 @@ class DataFileWriter:
     """
 
     def __init__(self, path: str, rel: str, cfg: codec.CodecConfig, threads: int | None = None,
-                 rank: int | None = None, base_index: BaseIndex | None = None) -> None:
+                 rank: int | None = None, sink: Any = None,
+                 base_index: BaseIndex | None = None) -> None:
         self.base_index = base_index  # incremental save: blocks the base holds are skipped
         self.path = path
+        # A DataSink (io/storage.py; object stores) instead of a local file.
+        self._sink = sink
         self.rel = rel
         self.rank = rank
         self.cfg = cfg
@@ -61,7 +64,7 @@ class DataFileWriter:
         self.crc = 0
         self.raw_bytes = 0
         self._queued = 0
-        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._f = open(path, "wb", buffering=0) if sink is None else None  # noqa: SIM115
         self._q: queue.Queue = queue.Queue()
         self._budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // cfg.block_size))
         self._err: list[BaseException] = []
@@ -74,7 +77,11 @@ class DataFileWriter:
             if blob is None:
                 return
             try:
-                if not self._err:
+                if not self._err and self._sink is not None:
+                    self._sink.write(memoryview(blob))
+                    self.crc = zlib.crc32(blob, self.crc)
+                    self.size += len(blob)
+                elif not self._err:
                     # An unbuffered write may be short (disk filling up); the retry
                     # then raises ENOSPC instead of leaving a silently short file.
                     view = memoryview(blob)
@@ -141,6 +148,8 @@ class DataFileWriter:
                                           blocks=tuple(recs)))
 
     def close(self) -> None:
+        if self._sink is not None:
+            return self._close_sink()
         if self._f.closed:
             return
         self._q.put(None)
@@ -155,6 +164,15 @@ class DataFileWriter:
         if self._err:
             raise self._error()
 
+    def _close_sink(self) -> None:
+        if self._th.is_alive():
+            self._q.put(None)
+            self._th.join()
+        if self._err:
+            self._sink.abort()
+            raise self._error()
+        self._sink.close()
+
     def _error(self) -> BaseException:
         return typed_write_error(self._err[0], self.path, self.rank)
 
@@ -167,7 +185,10 @@ class DataFileWriter:
         else:  # the caller's error wins; stop the writer without masking it
             self._q.put(None)
             self._th.join()
-            self._f.close()
+            if self._sink is not None:
+                self._sink.abort()
+            else:
+                self._f.close()
 
 
 def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseException:

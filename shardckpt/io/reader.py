@@ -132,8 +132,11 @@ class CheckpointReader:
     """One open checkpoint. `key_map` (checkpoint key -> caller's key) renames keys."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 verify: bool = True, key_map: KeyMap | None = None) -> None:
+                 verify: bool = True, key_map: KeyMap | None = None,
+                 storage_options: dict | None = None) -> None:
         self.path = os.fspath(path)
+        if storage_options is not None:  # bound to the URL's bucket for every later call
+            storage_for(self.path, storage_options)
         self.threads = threads
         self.verify = verify
         self._ckpt, stored = _open(self.path)

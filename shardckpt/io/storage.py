@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..format import Manifest
 
 from ..errors import CorruptCheckpointError
 from ..format.names import MANIFEST_NAME, PARTIAL_MARKER, DirState
@@ -40,9 +44,50 @@ class OpenCheckpoint(Protocol):
     def close(self) -> None: ...
 
 
+class DataSink(Protocol):
+    """Where one data file's bytes go. `write` is called from one thread, with consecutive ranges
+    starting at 0; the sink may write them concurrently (streams, upload parts) and may block for
+    back-pressure. `close` returns only when every byte is durable (fsync / upload completed) and
+    raises a typed error naming the file otherwise. `abort` discards what was written, never raises."""
+
+    name: str
+
+    def write(self, data: memoryview) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class CheckpointWrite(Protocol):
+    """One checkpoint being written (the write side of a Storage), made by rank 0.
+
+    Every rank writes its data file to `join(staging, data_name(rank))` through
+    `Storage.open_sink`; rank 0 then calls `finalize` (every file the manifest
+    names is checked for its recorded size, then the manifest is made visible) or
+    `abort` (this save's data goes; never raises).
+    """
+
+    final: str
+    staging: str
+    manifest_bytes: int
+
+    def data_name(self, rank: int) -> str: ...
+    def finalize(self, manifest: Manifest) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Storage(Protocol):
     def state(self, path: str) -> DirState: ...
     def open_checkpoint(self, path: str) -> OpenCheckpoint: ...
+    # -- write side
+    def begin_commit(self, final: str, *, overwrite: bool, save_id: str,
+                     world_size: int) -> CheckpointWrite: ...
+    def open_sink(self, path: str, rank: int | None = None) -> DataSink: ...
+    # -- a root of checkpoints (the manager, ls, gc): small objects, listing, deletion
+    def children(self, root: str) -> list[tuple[str, bool]]: ...
+    def read_small(self, path: str, limit: int) -> bytes | None: ...
+    def write_small(self, path: str, data: bytes) -> None: ...
+    def remove_small(self, path: str) -> None: ...
+    def delete_checkpoint(self, root: str, name: str) -> bool: ...
 
 
 def _open_regular(name: str, dir_fd: int | None, where: str) -> int:
@@ -201,10 +246,94 @@ class LocalStorage:
     def open_checkpoint(self, path: str) -> LocalCheckpoint:
         return LocalCheckpoint(path)
 
+    # The write side delegates to today's code (io/commit.py, io/fsutil.py), imported
+    # on use: commit.py itself imports this module.
+    def begin_commit(self, final: str, *, overwrite: bool, save_id: str,
+                     world_size: int) -> CheckpointWrite:
+        from .commit import Commit
+
+        return Commit.create(final, overwrite=overwrite, save_id=save_id, world_size=world_size)
+
+    def open_sink(self, path: str, rank: int | None = None) -> DataSink:
+        raise NotImplementedError("local data files are written by DataFileWriter(path)")
+
+    def children(self, root: str) -> list[tuple[str, bool]]:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return []
+        out = []
+        for n in names:
+            try:
+                out.append((n, stat.S_ISDIR(os.lstat(os.path.join(root, n)).st_mode)))
+            except OSError:
+                continue
+        return out
+
+    def read_small(self, path: str, limit: int) -> bytes | None:
+        try:
+            fd = _open_regular(path, None, path)
+        except (OSError, CorruptCheckpointError):
+            return None
+        try:
+            return os.read(fd, limit + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def write_small(self, path: str, data: bytes) -> None:
+        from .fsutil import write_file_durable
+
+        write_file_durable(path, data)
+
+    def remove_small(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def delete_checkpoint(self, root: str, name: str) -> bool:
+        import uuid
+
+        from ..format.names import trash_name
+        from .fsutil import remove_dir
+
+        return remove_dir(os.path.join(root, name),
+                          os.path.join(root, trash_name(name, uuid.uuid4().hex[:12])))
+
 
 LOCAL = LocalStorage()
 
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
-def storage_for(path: str) -> Storage:
-    """The Storage that holds `path` (the local filesystem for plain paths)."""
+
+def is_url(path: Any) -> bool:
+    """True for `s3://...`, `gs://...`, `memory://...`, `file://...`: not a plain local path."""
+    return isinstance(path, str) and bool(_URL_RE.match(path))
+
+
+def norm_path(path: str | os.PathLike) -> str:
+    """A checkpoint path as shardckpt reports it: absolute for local paths, URLs as given
+    (without a trailing slash)."""
+    p = os.fspath(path)
+    return p.rstrip("/") if is_url(p) else os.path.abspath(p)
+
+
+def join(path: str, *names: str) -> str:
+    """`path`/name for a local path or a URL (os.path.join would drop a URL's meaning
+    nowhere on POSIX, but this says what is meant)."""
+    if is_url(path):
+        return "/".join([path.rstrip("/"), *names])
+    return os.path.join(path, *names)
+
+
+def storage_for(path: str, storage_options: dict | None = None) -> Storage:
+    """The Storage that holds `path`: the local filesystem for plain paths, object
+    storage (S3 natively, anything else through fsspec) for URLs. `storage_options`
+    given once for a bucket stay bound to it for later calls in this process."""
+    if is_url(path):
+        from .objstore import remote_storage  # lazy: boto3 / fsspec only for URL users
+
+        return remote_storage(path, storage_options)
     return LOCAL

@@ -18,7 +18,7 @@ from ..format import DirState, Manifest
 from ..format.names import MANIFEST_NAME, trash_name
 from ..io.fsutil import remove_dir
 from ..io.reader import CheckpointReader, read_manifest
-from ..io.storage import storage_for
+from ..io.storage import is_url, join, norm_path, storage_for
 from .names import LATEST_POINTER, parse_step
 from .pointers import Pointers
 
@@ -60,6 +60,12 @@ class ManagerSaveResult:
 
 def step_entries(root: str) -> list[tuple[int, str]]:
     """(step, name) of every directory in `root` named like a step, symlinks excluded."""
+    if is_url(root):
+        try:
+            kids = storage_for(root).children(root)
+        except ShardckptError:
+            return []
+        return sorted((s, n) for n, d in kids if d and (s := parse_step(n)) is not None)
     try:
         entries = os.listdir(root)
     except OSError:
@@ -80,6 +86,9 @@ def step_entries(root: str) -> list[tuple[int, str]]:
 
 
 def manifest_size(m: Manifest, path: str) -> int:
+    if is_url(path):
+        info = storage_for(path).store.head(join(path, MANIFEST_NAME))
+        return (info.size if info else 0) + sum(f.size for f in m.files.values())
     try:
         own = os.path.getsize(os.path.join(path, MANIFEST_NAME))
     except OSError:
@@ -87,9 +96,13 @@ def manifest_size(m: Manifest, path: str) -> int:
     return own + sum(f.size for f in m.files.values())
 
 
-def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
-    """Committed checkpoints under `root`, oldest step first; a damaged one has `problem` set."""
-    root = os.path.abspath(os.fspath(root))
+def list_checkpoints(root: str | os.PathLike, *,
+                     storage_options: dict | None = None) -> list[CheckpointInfo]:
+    """Committed checkpoints under `root` (a directory or a URL), oldest step first; a
+    damaged one has `problem` set."""
+    root = norm_path(root)
+    if storage_options is not None:
+        storage_for(root, storage_options)
     ptrs = Pointers(root).names()
     out = []
     for step, name in step_entries(root):
@@ -108,7 +121,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
         except (ShardckptError, OSError) as e:
             problem = str(e)
             try:
-                created = os.path.getmtime(path)
+                created = 0.0 if is_url(path) else os.path.getmtime(path)
             except OSError:
                 created = 0.0
         out.append(CheckpointInfo(
@@ -117,14 +130,15 @@ def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
     return out
 
 
-def latest(root: str | os.PathLike) -> str | None:
+def latest(root: str | os.PathLike, *, storage_options: dict | None = None) -> str | None:
     """Path of the newest valid committed checkpoint under `root`, or None.
 
     The `latest` pointer wins when it names a committed checkpoint at least as
     new as every other; otherwise the newest committed step directory.
     """
-    root = os.path.abspath(os.fspath(root))
-    infos = [i for i in list_checkpoints(root) if i.problem is None]
+    root = norm_path(root)
+    infos = [i for i in list_checkpoints(root, storage_options=storage_options)
+             if i.problem is None]
     if not infos:
         return None
     p = Pointers(root).read(LATEST_POINTER)
@@ -161,5 +175,7 @@ def delete_checkpoint(root: str, name: str) -> bool:
     # Rename first: a kill during rmtree must not leave a half-deleted directory
     # that still looks committed. The trash name is a leftover that the next
     # save (or `shardckpt gc`) removes.
+    if is_url(root):
+        return storage_for(root).delete_checkpoint(root, name)
     return remove_dir(os.path.join(root, name),
                       os.path.join(root, trash_name(name, uuid.uuid4().hex[:12])))

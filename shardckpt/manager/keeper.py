@@ -31,7 +31,7 @@ from ..io.commit import staging_abandoned
 from ..io.dedupe import holder_names
 from ..io.fsutil import remove_dir
 from ..io.reader import CheckpointReader, find_partials, read_manifest
-from ..io.storage import storage_for
+from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
 from . import refcount
 from .catalog import CheckpointInfo, list_checkpoints, precheck, step_entries
@@ -64,6 +64,8 @@ class RootKeeper:
     def __init__(self, root: str, *, policy: Policy, metric: str | None, mode: str,
                  leases: Leases, verify_on_restore: str, space_margin: float,
                  min_free_bytes: int, incremental: bool = False, full_every: int = 10) -> None:
+        if full_every < 1:
+            raise ValueError(f"full_every must be >= 1, not {full_every}")
         self.root = root
         self.incremental = incremental
         self.full_every = full_every
@@ -132,6 +134,14 @@ class RootKeeper:
 
     def clean_leftovers(self) -> None:
         pending = self.pending_name
+        if is_url(self.root):
+            from ..io.objstore.leftovers import find_leftovers, remove_leftover
+
+            st = storage_for(self.root)
+            for item in find_leftovers(st, self.root, older_than=0.0)[0]:
+                if item.checkpoint != pending and item.kind != "orphan":
+                    remove_leftover(st, item)
+            return
         for e in os.listdir(self.root):
             parsed = parse_leftover_in_root(e)
             if parsed is None or parsed[0] == pending:
@@ -153,13 +163,16 @@ class RootKeeper:
 
     def prepare_write(self, step: int, metrics: dict) -> dict:
         """Rank 0, before anything is written: clean leftovers, make room or refuse."""
-        os.makedirs(self.root, exist_ok=True)
+        if not is_url(self.root):
+            os.makedirs(self.root, exist_ok=True)
         self.clean_leftovers()
         self.make_target_free(step)
         infos = list_checkpoints(self.root)
         prev = [i for i in infos if i.step != step]
         estimate = prev[-1].size_bytes if prev else (self.state_estimate or 0)
         need = int(estimate * self.space_margin) + self.min_free_bytes
+        if is_url(self.root):
+            return {"freed": []}  # an object store has no free space to check
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return {"freed": [], **self._base_plan(step)}

@@ -13,7 +13,9 @@ import time
 import uuid
 import warnings
 
+from ..errors import ShardckptError
 from ..io.fsutil import HOST, pid_alive
+from ..io.storage import is_url, join, storage_for
 from .names import READERS_DIR
 from .pointers import read_small_json, safe_step_name, write_pointer
 
@@ -21,10 +23,13 @@ from .pointers import read_small_json, safe_step_name, write_pointer
 class Leases:
     def __init__(self, root: str, ttl_s: float = 24 * 3600.0) -> None:
         self.root = root
-        self.dir = os.path.join(root, READERS_DIR)
+        self.dir = join(root, READERS_DIR)
+        self.remote = is_url(root)
         self.ttl_s = ttl_s
 
     def _dir_ok(self) -> bool:
+        if self.remote:
+            return True  # no directories (nor symlinks) in an object store
         try:
             return stat.S_ISDIR(os.lstat(self.dir).st_mode)  # lstat: a symlink is not ours
         except OSError:
@@ -33,21 +38,25 @@ class Leases:
     def take(self, name: str) -> str | None:
         """Lease `name`; None where the root is read-only (nothing there can delete it then)."""
         try:
-            os.makedirs(self.dir, exist_ok=True)
+            if not self.remote:
+                os.makedirs(self.dir, exist_ok=True)
             if not self._dir_ok():
                 return None
-            path = os.path.join(self.dir, f"{os.getpid()}-{HOST}-{uuid.uuid4().hex[:8]}.json")
+            path = join(self.dir, f"{os.getpid()}-{HOST}-{uuid.uuid4().hex[:8]}.json")
             write_pointer(path, {"name": name, "pid": os.getpid(), "host": HOST,
                                  "time": time.time()})
             return path
-        except OSError as e:
-            warnings.warn(f"shardckpt: could not take a reader lease in {self.dir} ({e.strerror}); "
+        except (OSError, ShardckptError) as e:
+            warnings.warn(f"shardckpt: could not take a reader lease in {self.dir} "
+                          f"({getattr(e, 'strerror', None) or e}); "
                           f"reading {name} without one", RuntimeWarning, stacklevel=3)
             return None
 
     @staticmethod
     def drop(path: str | None) -> None:
-        if path:
+        if path and is_url(path):
+            storage_for(path).remove_small(path)
+        elif path:
             try:
                 os.unlink(path)
             except OSError:
@@ -57,15 +66,16 @@ class Leases:
         if not self._dir_ok():
             return set()
         try:
-            entries = os.listdir(self.dir)
-        except OSError:
+            entries = ([n for n, d in storage_for(self.dir).children(self.dir) if not d]
+                       if self.remote else os.listdir(self.dir))
+        except (OSError, ShardckptError):
             return set()
         names = set()
         now = time.time()
         for e in entries:
             if not e.endswith(".json"):
                 continue
-            p = os.path.join(self.dir, e)
+            p = join(self.dir, e)
             lease = read_small_json(p)
             try:
                 name = safe_step_name(lease["name"]) if lease else None

@@ -36,6 +36,7 @@ from ..errors import (
     ShardckptError,
 )
 from ..io.reader import CheckpointReader
+from ..io.storage import norm_path, storage_for
 from .catalog import (
     CheckpointInfo,
     ManagerSaveResult,
@@ -67,10 +68,8 @@ class CheckpointManager:
     `keep_best` best by `metrics[metric]` (`mode` "min" or "max"), and every step
     divisible by `keep_every`; plus whatever a pointer or a live reader lease names.
 
-    `incremental=True` saves against the previous checkpoint: unchanged blocks are
-    referenced, not rewritten; every `full_every`-th save and any save whose state
-    changed structure is full. A dropped checkpoint that a kept one references is
-    retired (not listed or restorable) and deleted once nothing references it.
+    `incremental=True`: unchanged blocks are referenced, not rewritten; every `full_every`-th
+    save is full; a dropped checkpoint still referenced is retired (docs/USAGE.md).
 
     `async_save=True` writes through `shardckpt.async_save`; pointers and retention
     for that save happen at the next `save` / `restore` / `wait` on every rank.
@@ -89,7 +88,8 @@ class CheckpointManager:
                  preemption_grace_s: float | None = 120.0,
                  on_save: Callable[[ManagerSaveResult], Any] | None = None,
                  on_restore: Callable[[int, str], Any] | None = None,
-                 timeout: float | None = None, full_every: int = 10) -> None:
+                 timeout: float | None = None,
+                 storage_options: dict | None = None, full_every: int = 10) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_best < 0:
@@ -98,12 +98,12 @@ class CheckpointManager:
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
         if keep_every is not None and keep_every < 1:
             raise ValueError(f"keep_every must be >= 1 or None, not {keep_every}")
-        if full_every < 1:
-            raise ValueError(f"full_every must be >= 1, not {full_every}")
         if verify_on_restore not in ("sizes", "full"):
             raise ValueError(f"verify_on_restore must be 'sizes' or 'full', not "
                              f"{verify_on_restore!r}")
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = norm_path(root)
+        if storage_options is not None:  # bound to the root's bucket: saves, loads, listing
+            storage_for(self.root, storage_options)
         self.keep_last = keep_last
         self.keep_best = keep_best if metric is not None else 0
         self.metric = metric
@@ -269,7 +269,7 @@ class CheckpointManager:
         self._keeper.pending_name = step_dir_name(step)
         self._last_saved_step = step
         # Committed later (at the next save / restore / wait, which calls on_save).
-        return ManagerSaveResult(path=os.path.abspath(path), step=step,
+        return ManagerSaveResult(path=norm_path(path), step=step,
                                  seconds=time.perf_counter() - t0, bytes_written=0,
                                  bytes_logical=0, metrics=metrics, committed=False)
 

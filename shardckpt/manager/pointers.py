@@ -12,6 +12,7 @@ import os
 import stat
 
 from ..io.fsutil import write_file_durable
+from ..io.storage import is_url, storage_for
 from .names import BEST_POINTER, LATEST_POINTER, parse_step
 
 _MAX_POINTER_BYTES = 1 << 16
@@ -19,6 +20,12 @@ _MAX_POINTER_BYTES = 1 << 16
 
 def read_small_json(path: str) -> dict | None:
     """A small JSON object from a regular file, or None (missing, FIFO, link, garbage)."""
+    if is_url(path):
+        try:
+            data = storage_for(path).read_small(path, _MAX_POINTER_BYTES)
+        except Exception:  # noqa: BLE001 - an unreadable pointer is an absent one
+            return None
+        return _parse_small(data) if data is not None else None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -31,6 +38,10 @@ def read_small_json(path: str) -> dict | None:
         return None
     finally:
         os.close(fd)
+    return _parse_small(data)
+
+
+def _parse_small(data: bytes) -> dict | None:
     if len(data) > _MAX_POINTER_BYTES:
         return None
     try:
@@ -71,5 +82,10 @@ class Pointers:
 
 
 def write_pointer(path: str, payload: dict) -> None:
-    """Durable atomic small-file write: temp file, fsync, rename, fsync of the directory."""
-    write_file_durable(path, json.dumps(payload, sort_keys=True).encode())
+    """Durable atomic small-file write: temp file, fsync, rename, fsync of the directory
+    (on an object store: one PUT, atomic there)."""
+    data = json.dumps(payload, sort_keys=True).encode()
+    if is_url(path):
+        storage_for(path).write_small(path, data)
+        return
+    write_file_durable(path, data)

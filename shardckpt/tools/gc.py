@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from ..format.names import Leftover, parse_leftover, parse_temp, trash_name
 from ..io.commit import staging_abandoned
 from ..io.fsutil import dir_size, pid_alive, remove_dir
+from ..io.storage import is_url, norm_path, storage_for
 from ..manager import refcount
-from ..manager.catalog import list_checkpoints
+from ..manager.catalog import delete_checkpoint, list_checkpoints
 from ..manager.leases import Leases
 from ..manager.pointers import Pointers
 from ..manager.retention import LastN
@@ -75,7 +76,7 @@ class GcReport:
 
 
 def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: float = 3600.0,
-       dry_run: bool = False) -> GcReport:
+       dry_run: bool = False, storage_options: dict | None = None) -> GcReport:
     """Apply keep-last retention to the step checkpoints of `root` and remove stale leftovers.
 
     `keep_last=None` removes no committed checkpoint (leftovers only). A leftover
@@ -83,7 +84,11 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
     heartbeat stopped for longer than `older_than`); it is claimed by a rename
     first, so a save publishing at that moment is never emptied.
     """
-    root = os.path.abspath(os.fspath(root))
+    root = norm_path(root)
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"--keep-last must be >= 1, not {keep_last}")
+    if is_url(root):
+        return _gc_remote(root, keep_last, older_than, dry_run, storage_options)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such directory")
     if keep_last is not None and keep_last < 1:
@@ -167,4 +172,44 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
             report.removed.append(GcAction(os.path.join(root, name), "retired",
                                            "retired, and no checkpoint references it any more",
                                            0))
+    return report
+
+
+def _retention(root: str, keep_last: int | None, report: GcReport) -> list[GcAction]:
+    protected = set(Pointers(root).names().values())
+    actions: list[GcAction] = []
+    if keep_last is None:
+        return actions
+    infos = list_checkpoints(root)
+    protected |= Leases(root).live_names(remove_stale=not report.dry_run)
+    keep = LastN(keep_last).keep([(i.step, None) for i in infos])
+    for i in infos:
+        if i.step in keep:
+            continue
+        if i.name in protected:
+            report.kept.append((i.name, "named by a latest/best pointer or a reader lease"))
+            continue
+        actions.append(GcAction(i.path, "checkpoint", f"beyond keep-last {keep_last}",
+                                i.size_bytes))
+    return actions
+
+
+def _gc_remote(root: str, keep_last: int | None, older_than: float, dry_run: bool,
+               storage_options: dict | None) -> GcReport:
+    """gc of a root in an object store: retention as on disk; leftovers are markers of dead
+    saves with their objects, unreferenced data objects, and dangling multipart uploads."""
+    from ..io.objstore.leftovers import find_leftovers, remove_leftover
+
+    st = storage_for(root, storage_options)
+    report = GcReport(root=root, dry_run=dry_run)
+    actions = _retention(root, keep_last, report)
+    for a in actions:
+        if dry_run or delete_checkpoint(root, os.path.basename(a.path)):
+            report.removed.append(a)
+    items, kept = find_leftovers(st, root, older_than=older_than)
+    report.kept += kept
+    for item in items:
+        if not dry_run:
+            remove_leftover(st, item)
+        report.removed.append(GcAction(item.url, item.kind, item.reason, item.bytes))
     return report

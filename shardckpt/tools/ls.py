@@ -106,12 +106,15 @@ def _short(problem: str | None, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def ls(root: str | os.PathLike) -> LsReport:
+def ls(root: str | os.PathLike, *, storage_options: dict | None = None) -> LsReport:
     """The checkpoints of a `CheckpointManager` root (oldest step first) and its leftovers."""
+    from ..io.storage import is_url, norm_path, storage_for
     from ..manager.catalog import latest, list_checkpoints
     from ..manager.pointers import Pointers
 
-    root = os.path.abspath(os.fspath(root))
+    root = norm_path(root)
+    if is_url(root):
+        return _ls_remote(root, storage_for(root, storage_options))
     if not os.path.isdir(root):
         if os.path.lexists(root):
             raise NotACheckpointError(f"{root}: not a directory; `shardckpt ls` takes the root "
@@ -138,4 +141,27 @@ def ls(root: str | os.PathLike) -> LsReport:
             continue
         rep.leftovers.append(LsLeftover(name=e, kind=parsed[1].value, checkpoint=parsed[0],
                                         bytes=dir_size(p), age_seconds=age))
+    return rep
+
+
+def _ls_remote(root: str, st: Any) -> LsReport:
+    from ..io.objstore.leftovers import find_leftovers
+    from ..manager.catalog import latest, list_checkpoints
+    from ..manager.pointers import Pointers
+
+    if st.store.head(f"{root}/{MANIFEST_NAME}") is not None:
+        raise NotACheckpointError(f"{root}: is one checkpoint, not a manager root; use "
+                                  f"`shardckpt inspect {root}`.")
+    rep = LsReport(root=root, latest=latest(root), pointers=Pointers(root).names())
+    for i in list_checkpoints(root):
+        rep.checkpoints.append(LsEntry(step=i.step, name=i.name, path=i.path,
+                                       size_bytes=i.size_bytes, created_unix=i.time,
+                                       pointers=list(i.pointers), metrics=dict(i.metrics),
+                                       problem=i.problem))
+    items, _ = find_leftovers(st, root, older_than=float("inf"))
+    for x in items:
+        if x.kind == "partial":
+            rep.leftovers.append(LsLeftover(name=x.url.rsplit("/", 1)[-1], kind="partial",
+                                            checkpoint=x.checkpoint, bytes=x.bytes,
+                                            age_seconds=x.age))
     return rep

@@ -139,6 +139,11 @@ def iter_slabs(src: Source, e: Entry, start: int, stop: int,
 
 def detect(path: str) -> str:
     """'shardckpt', 'dcp', 'safetensors' or 'torch' for an existing path."""
+    from ..io.storage import is_url
+
+    if is_url(path):  # object stores hold shardckpt checkpoints only
+        check_committed(path)
+        return "shardckpt"
     if os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
         # torch.load on a FIFO would wait forever
         raise NotACheckpointError(f"{path}: not a file or directory (a FIFO or device); not a "

@@ -177,7 +177,8 @@ def verify_reader(reader: CheckpointReader, *, deep: bool = False, threads: int 
 
 def verify(path: str | os.PathLike, *, deep: bool = False, threads: int | None = None,
            raise_on_error: bool = True,
-           on_progress: Callable[[int], None] | None = None) -> VerifyReport:
+           on_progress: Callable[[int], None] | None = None,
+           storage_options: dict | None = None) -> VerifyReport:
     """Check the manifest's checksum and structure, every file's size and checksum and every
     block's checksum (files in parallel); `deep` also decodes every block.
 
@@ -185,6 +186,7 @@ def verify(path: str | os.PathLike, *, deep: bool = False, threads: int | None =
     tensor, unless raise_on_error=False (then inspect `report.problems`). A
     manifest that cannot be trusted at all raises in either case.
     """
-    with CheckpointReader(os.fspath(path), threads=threads) as reader:
+    with CheckpointReader(os.fspath(path), threads=threads,
+                          storage_options=storage_options) as reader:
         return verify_reader(reader, deep=deep, threads=threads, raise_on_error=raise_on_error,
                              on_progress=on_progress)

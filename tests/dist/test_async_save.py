@@ -98,3 +98,38 @@ def test_interpreter_exit_finishes_the_inflight_save(tmp_path):
     t = {"w": torch.zeros(3_000_000)}
     shardckpt.load(t, tmp_path / "ck")
     assert torch.equal(t["w"], torch.arange(3_000_000, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
+@pytest.mark.parametrize("sched", ["idle", None])
+def test_background_encoding_sched_idle_is_opt_in(tmp_path, sched):
+    """With SHARDCKPT_WORKER_SCHED=idle an async save's codec work runs SCHED_IDLE (it must
+    not compete with training threads); a blocking save's never does, nor the default's."""
+    script = textwrap.dedent(f"""
+        import json, os, torch, shardckpt
+        from shardckpt import codec
+        seen, real = [], codec.encode_buffer
+        def spy(*a, **kw):
+            seen.append(os.sched_getscheduler(0))
+            return real(*a, **kw)
+        codec.encode_buffer = spy
+        state = {{f"t{{i}}": torch.randn(64, 1024) for i in range(8)}}
+        shardckpt.async_save(state, {str(tmp_path / "bg")!r}).wait()
+        bg = list(seen); seen.clear()
+        shardckpt.save(state, {str(tmp_path / "fg")!r})
+        print(json.dumps({{"bg": bg, "fg": seen, "caller": os.sched_getscheduler(0),
+                          "idle": os.SCHED_IDLE}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDCKPT_")}
+    if sched:
+        env["SHARDCKPT_WORKER_SCHED"] = sched
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(r["bg"]) == 8 and len(r["fg"]) == 8
+    assert all((p == r["idle"]) == (sched == "idle") for p in r["bg"]), r
+    assert all(p != r["idle"] for p in r["fg"]), r
+    assert r["caller"] != r["idle"]  # the caller's thread is never changed
