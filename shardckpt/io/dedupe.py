@@ -29,11 +29,21 @@ def _native_hash_buffer() -> Any:
     return getattr(codec, "hash_buffer", None)
 
 
+_FUSED: dict[Any, bool] = {}
+
+
 def _fused_encode() -> bool:
-    try:
-        return "hashes" in inspect.signature(codec.encode_buffer).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether codec.encode_buffer hashes while it encodes (looked up per function: tests
+    replace it)."""
+    fn = codec.encode_buffer
+    fused = _FUSED.get(fn)
+    if fused is None:
+        try:
+            fused = "hashes" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            fused = False
+        _FUSED[fn] = fused
+    return fused
 
 
 def block_hashes(raw: memoryview, block_size: int, threads: int | None = None) -> list[bytes]:
