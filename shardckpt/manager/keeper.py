@@ -28,7 +28,6 @@ from ..errors import (
 from ..format import DirState
 from ..format.names import Leftover, trash_name
 from ..io.commit import staging_abandoned
-from ..io.dedupe import holder_names
 from ..io.fsutil import remove_dir
 from ..io.reader import CheckpointReader, find_partials, read_manifest
 from ..io.storage import is_url, storage_for
@@ -117,8 +116,9 @@ class RootKeeper:
         chain = m.user_metadata.get("manager", {}).get("chain") if m.bases else 0
         if type(chain) is not int or chain + 1 >= self.full_every:
             return None, 0
-        # Leased until the save commits: a concurrent `shardckpt gc` keeps them meanwhile.
-        self._save_leases = [self.leases.take(n) for n in {prev} | holder_names(m)]
+        # Leased until the save commits, so a concurrent `shardckpt gc` keeps it; the
+        # checkpoints it references in turn stay because it (live) references them.
+        self._save_leases = [self.leases.take(prev)]
         return prev, chain + 1
 
     def droppable(self, infos: list[CheckpointInfo],
