@@ -117,7 +117,8 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
          compression: str = "zstd", level: int = 1, block_size: int = fmt.DEFAULT_BLOCK_SIZE,
          threads: int | None = None, overwrite: bool = True,
          metadata: dict | None = None, timeout: float | None = None,
-         storage_options: dict | None = None) -> SaveResult:
+         storage_options: dict | None = None,
+         base: str | os.PathLike | None = None) -> SaveResult:
     """Save `state` as a sharded checkpoint at `path`; every rank calls it.
 
     `state` is a dict with DCP semantics (tensors, DTensors, nested dicts,
@@ -131,6 +132,10 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
     `path` may be a URL (s3://bucket/prefix/name, any fsspec URL): every rank
     streams its data to the store, no shared filesystem needed (docs/STORAGE.md);
     `storage_options` (endpoint, credentials, part size) apply to its bucket.
+
+    `base`: an earlier checkpoint in the same directory; every block identical to
+    one it (or a checkpoint it references) holds is referenced, not written again.
+    A state whose keys, shapes or dtypes differ from the base's is saved in full.
     """
     t0 = time.perf_counter()
     state = as_state(state)
@@ -139,7 +144,7 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
         threads = codec.blocking_threads()
     writer = ShardWriter(path, compression=compression, level=level, block_size=block_size,
                          threads=threads, overwrite=overwrite, user_metadata=metadata,
-                         storage_options=storage_options)
+                         storage_options=storage_options, base=base)
     try:
         with quiet_no_dist():
             md = dcp.save(state, storage_writer=writer, process_group=process_group,

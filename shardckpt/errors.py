@@ -30,6 +30,24 @@ class CorruptCheckpointError(ShardckptError):
         self.tensor = tensor
 
 
+class BaseCheckpointError(CorruptCheckpointError):
+    """A block an incremental checkpoint references is missing or damaged in its base
+    checkpoint; the message names both checkpoints and the tensor."""
+
+    def __init__(self, message: str, *, path: str | None = None, rank: int | None = None,
+                 tensor: str | None = None, base: str | None = None) -> None:
+        super().__init__(message, path=path, rank=rank, tensor=tensor)
+        self.base = base
+
+
+class InvalidBaseError(ShardckptError, ValueError):
+    """`base=` cannot serve as the base of this save (not a sibling, not committed)."""
+
+
+class ReferencedCheckpointError(ShardckptError):
+    """The checkpoint is a base of other checkpoints; the operation would break them."""
+
+
 class StateMismatchError(ShardckptError):
     """The state to load into does not match the checkpoint (keys, shapes or dtypes)."""
 

@@ -339,16 +339,16 @@ def test_migrate_v1_fixture(name: str, tmp_path: Path) -> None:
     before = (path / MANIFEST_NAME).read_bytes()
     data = _files_digest(path)
     rep = migrate(path, dry_run=True)
-    assert (rep.from_version, rep.to_version, rep.changed) == (1, 2, True)
+    assert (rep.from_version, rep.to_version, rep.changed) == (1, 3, True)
     assert (path / MANIFEST_NAME).read_bytes() == before
     rep = migrate(path)
     assert rep.changed and not rep.dry_run
     m = json.loads((path / MANIFEST_NAME).read_text())
-    assert m["format_version"] == 2 and m["checksum"].startswith("sha256:")
+    assert m["format_version"] == 3 and m["checksum"].startswith("sha256:")
     assert _files_digest(path) == data  # data files untouched
     assert sorted(os.listdir(path)) == sorted(os.listdir(FIXTURES / name))  # no temp left
     again = migrate(path)
-    assert not again.changed and str(again) == f"{path}: already version 2, nothing to do"
+    assert not again.changed and str(again) == f"{path}: already version 3, nothing to do"
     assert shardckpt.verify(str(path)).ok
     _load_bitwise(name, str(path))
 
@@ -365,9 +365,9 @@ def test_migrate_cli(tmp_path: Path) -> None:
     path = tmp_path / "v1"
     shutil.copytree(FIXTURES / "v1_single_zstd", path)
     dry = cli("migrate", path, "--dry-run").stdout
-    assert dry.strip() == f"{path}: would migrate format version 1 -> 2"
+    assert dry.strip() == f"{path}: would migrate format version 1 -> 3"
     assert json.loads((path / MANIFEST_NAME).read_text())["format_version"] == 1
-    assert cli("migrate", path).stdout.strip() == f"{path}: migrated format version 1 -> 2"
+    assert cli("migrate", path).stdout.strip() == f"{path}: migrated format version 1 -> 3"
     d = json.loads(cli("migrate", path, "--json").stdout)
-    assert d == {"path": str(path), "from_version": 2, "to_version": 2, "changed": False,
+    assert d == {"path": str(path), "from_version": 3, "to_version": 3, "changed": False,
                  "dry_run": False}

@@ -27,6 +27,7 @@ from .commands import (
     cmd_gc,
     cmd_inspect,
     cmd_ls,
+    cmd_materialize,
     cmd_migrate,
     cmd_reshard,
     cmd_verify,
@@ -227,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
              "shardckpt migrate ckpts/step_00001000 --dry-run", progress=False)
     p.add_argument("path", help="a shardckpt checkpoint directory")
     p.add_argument("--dry-run", action="store_true", help="only say what would change")
+
+    p = _sub(subs, "materialize", cmd_materialize, "rewrite an incremental checkpoint as a "
+             "standalone one (its referenced blocks copied in), in place or at --out",
+             "shardckpt materialize ckpts/step_00001000 --out exported/step_00001000",
+             progress=False)
+    p.add_argument("path", help="a shardckpt checkpoint directory")
+    p.add_argument("--out", default=None, help="write the standalone copy here (default: "
+                   "in place, refused while other checkpoints reference this one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = _sub(subs, "gc", cmd_gc, "retention for a directory of step checkpoints, and removal of "
              "leftovers of interrupted saves; never removes what latest/best name",

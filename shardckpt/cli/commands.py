@@ -190,6 +190,13 @@ def cmd_gc(args: argparse.Namespace) -> Result:
     return EXIT_OK, _out(args, gc_to_dict(rep), lambda: gc_text(rep))
 
 
+def cmd_materialize(args: argparse.Namespace) -> Result:
+    from ..tools.materialize import materialize
+
+    rep = materialize(args.path, args.out, overwrite=args.overwrite)
+    return EXIT_OK, _out(args, rep.to_dict(), lambda: str(rep))
+
+
 def cmd_bench(args: argparse.Namespace) -> Result:
     from ..tools.bench import format_bench, run_bench
 

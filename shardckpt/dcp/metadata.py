@@ -92,8 +92,7 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
                     raise SaveFailedError(f"{final}: no rank wrote chunk {list(ch.offsets)} "
                                           f"of {fqn!r}; nothing was committed.")
                 chunks.append(Chunk(offsets=tuple(ch.offsets), sizes=tuple(ch.sizes),
-                                    file=it.file, offset=it.offset, length=it.length,
-                                    nbytes=it.nbytes, blocks=it.blocks))
+                                    **it.stored_fields()))
             tensors[fqn] = TensorEntry(dtype=dtype_name(md.properties.dtype),
                                        shape=tuple(md.size),
                                        requires_grad=bool(md.properties.requires_grad),
@@ -103,8 +102,7 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
             if it is None:
                 raise SaveFailedError(f"{final}: no rank wrote object {fqn!r}; "
                                       f"nothing was committed.")
-            objects[fqn] = ObjectEntry(file=it.file, offset=it.offset, length=it.length,
-                                       nbytes=it.nbytes, blocks=it.blocks)
+            objects[fqn] = ObjectEntry(**it.stored_fields())
     return Manifest.new(world_size=len(results), files=files, tensors=tensors, objects=objects,
                         codec=codec, planner_data=_planner_data_to_json(metadata.planner_data),
                         user_metadata=user_metadata, versions=versions)

@@ -42,6 +42,13 @@ class CachedPlan:
     """planner_data of a global plan DCP's cache sent empty: how many items it stands for."""
 
     items: int
+    # The full plan, for the coordinator's storage writer in this process (an incremental
+    # save compares the state's structure with its base's). Not pickled: the plans DCP
+    # scatters to the ranks stay as small as caching made them.
+    full: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __reduce__(self) -> tuple:
+        return (CachedPlan, (self.items,))
 
 
 def _group_key(process_group: Any) -> str:
@@ -144,7 +151,7 @@ class SafeSavePlanner(DefaultSavePlanner):
         delta = [f if (a.usable and not d.usable) else d
                  for a, d, f in zip(all_plans, delta, full)]
         # An empty "unchanged" plan tells the storage writer how many items it stands for.
-        delta = [d if d.usable else dataclasses.replace(d, planner_data=CachedPlan(len(f.items)))
+        delta = [d if d.usable else dataclasses.replace(d, planner_data=CachedPlan(len(f.items), f))
                  for d, f in zip(delta, full)]
         return delta, metadata
 

@@ -26,6 +26,7 @@ from torch.futures import Future
 from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
+from ..io import dedupe
 from ..io.data_writer import DataFileWriter, tensor_bytes
 from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
 from .metadata import RankFile, manifest_from_results
@@ -40,6 +41,7 @@ class _RankPlan:
     staging: str
     rank: int
     rel: str = ""  # the data file's name (object stores: unique per save)
+    base: str | None = None  # incremental: the base every rank dedupes against
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +59,11 @@ class ShardWriter(StorageWriter):
                  level: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
                  threads: int | None = None, overwrite: bool = True,
                  user_metadata: dict | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None,
+                 base: str | os.PathLike | None = None) -> None:
         super().__init__()
+        self.base = None if base is None else os.fspath(base)
+        self._base_used: str | None = None
         self.path = os.fspath(path) if path is not None else None
         self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
         self.threads = threads
@@ -94,6 +99,7 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
+        self._base_used = dedupe.choose_base(self.base, self.path, plans)
         self._commit = storage_for(self.path, self.storage_options).begin_commit(
             self.path, overwrite=self.overwrite, save_id=self.save_id, world_size=len(plans))
         c = self._commit
@@ -101,7 +107,8 @@ class ShardWriter(StorageWriter):
         # how many items that is; every plan (empty ones too) carries the staging dir.
         self._expected = {i: len(p.items) if p.usable else getattr(p.planner_data, "items", None)
                           for i, p in enumerate(plans)}
-        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(c.staging, i, c.data_name(i)))
+        self._plans = [dataclasses.replace(p, storage_data=_RankPlan(c.staging, i, c.data_name(i),
+                                                                     self._base_used))
                        for i, p in enumerate(plans)]
         return self._plans
 
@@ -131,8 +138,9 @@ class ShardWriter(StorageWriter):
 
         path = join(info.staging, rel)
         sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
+        index = self._index = dedupe.index_for(info.base, self.path)
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
-                            adaptive=True) as out:
+                            adaptive=True, base_index=index) as out:
             records = out.append_many(payloads())
         stats = out.codec_summary()
         rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,
@@ -154,6 +162,9 @@ class ShardWriter(StorageWriter):
         manifest = manifest_from_results(
             metadata, results, expected, final=final, codec=self._codec_json(results),
             user_metadata=self.user_metadata, versions=runtime_versions())
+        if self._base_used is not None:
+            index = getattr(self, "_index", None) or dedupe.BaseIndex(self._base_used, final)
+            manifest = dataclasses.replace(manifest, bases=index.bases_for(manifest))
         staging = self._commit.staging
         for rel, fi in manifest.files.items():
             if is_url(staging):

@@ -12,51 +12,40 @@ import hashlib
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
 from . import dtypes
-from .blocks import MAX_BLOCK_SIZE, MODE_GROUPED, Block, item_blocks, record_problem
+from .blocks import MAX_BLOCK_SIZE, Block, item_blocks
+from .checks import (
+    _MAX_INT,
+    ManifestError,
+    _bad,
+    _check_disjoint,
+    _check_tiling,
+    _dict,
+    _int,
+    _list,
+    _str,
+    check_block_record,
+)
 from .names import FORMAT_NAME, is_data_file_name
+from .refs import (
+    Ref,
+    RefProblem,
+    blocks_with_refs,
+    is_base_name,
+    own_stored,
+    parse_hashes,
+    parse_refs,
+)
 from .versions import FORMAT_VERSION, migrate
 
-_MAX_INT = 1 << 62  # no size, offset or shape in a real checkpoint comes near this
 _MAX_DIMS = 64
 CHECKSUM_FIELD = "checksum"
-
-
-class ManifestError(CorruptCheckpointError):
-    """A manifest field is malformed; the message names the field."""
-
-
-def _bad(where: str, what: str) -> ManifestError:
-    return ManifestError(f"manifest field {where}: {what}")
-
-
-def _int(v: Any, where: str, lo: int = 0, hi: int = _MAX_INT) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise _bad(where, f"expected an integer in [{lo}, {hi}], got {v!r:.60}")
-    return v
-
-
-def _str(v: Any, where: str) -> str:
-    if not isinstance(v, str):
-        raise _bad(where, f"expected a string, got {type(v).__name__}")
-    return v
-
-
-def _dict(v: Any, where: str) -> dict:
-    if not isinstance(v, dict):
-        raise _bad(where, f"expected an object, got {type(v).__name__}")
-    return v
-
-
-def _list(v: Any, where: str) -> list:
-    if not isinstance(v, list):
-        raise _bad(where, f"expected a list, got {type(v).__name__}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -76,41 +65,47 @@ class FileEntry:
                    crc32=_int(d.get("crc32"), f"{where}.crc32", 0, 0xFFFFFFFF))
 
 
-def check_block_record(rec: Any, where: str, group: int, block_size: int) -> list:
-    """Validate one block record; returns it (a JSON list, as the codecs take it)."""
-    if isinstance(rec, list) and len(rec) >= 5 and rec[3] == MODE_GROUPED:
-        if group < 2:
-            raise _bad(where, "byte planes in a dtype that is not byte-grouped")
-        if isinstance(rec[4], str) and len(rec[4]) != group:
-            raise _bad(f"{where}[4]", f"{len(rec[4])} byte planes for a dtype of {group}")
-    problem = record_problem(rec)
-    if problem is not None:
-        raise _bad(where + problem[0], problem[1])
-    if rec[1] > block_size:
-        raise _bad(f"{where}[1]", f"{rec[1]} raw bytes in a block of at most {block_size}")
-    return rec
-
-
 @dataclass(frozen=True)
 class StoredItem:
-    """Where the bytes of one tensor chunk or one object lie: a run of blocks in a file."""
+    """Where the bytes of one tensor chunk or one object lie: a run of blocks in a file.
+
+    `hashes`: XXH3-128 of each block's raw bytes (hex). `refs`: runs of blocks that
+    a base checkpoint holds (format/refs.py); the other blocks lie back to back in
+    `file` from `offset`, and `length` counts only those.
+    """
 
     file: str
     offset: int
     length: int
     nbytes: int
     blocks: tuple[list, ...]
+    hashes: tuple[str, ...] = ()
+    refs: tuple[Ref, ...] = ()
 
     def block_list(self) -> list[Block]:
+        if self.refs:
+            return blocks_with_refs(self.offset, self.blocks, self.refs)
         return item_blocks(self.offset, self.blocks)
 
-    def item_json(self) -> dict:
+    def stored_fields(self) -> dict:
+        """The StoredItem fields, to build a Chunk / ObjectEntry of the same bytes."""
         return {"file": self.file, "offset": self.offset, "length": self.length,
-                "nbytes": self.nbytes, "blocks": list(self.blocks)}
+                "nbytes": self.nbytes, "blocks": self.blocks, "hashes": self.hashes,
+                "refs": self.refs}
+
+    def item_json(self) -> dict:
+        d = {"file": self.file, "offset": self.offset, "length": self.length,
+             "nbytes": self.nbytes, "blocks": list(self.blocks)}
+        if self.hashes:
+            d["hashes"] = list(self.hashes)
+        if self.refs:
+            d["refs"] = [r.to_json() for r in self.refs]
+        return d
 
     @staticmethod
     def parse_item(d: dict, where: str, files: Mapping[str, FileEntry], group: int,
-                   block_size: int) -> dict:
+                   block_size: int, bases: Mapping[str, Mapping[str, FileEntry]] | None = None,
+                   ) -> dict:
         rel = _str(d.get("file"), f"{where}.file")
         if rel not in files:
             raise _bad(f"{where}.file", f"{rel!r:.80} is not one of the manifest's files")
@@ -121,16 +116,21 @@ class StoredItem:
             raise _bad(where, f"bytes [{offset}, {offset + length}) lie outside {rel} "
                               f"({files[rel].size} bytes)")
         recs = _list(d.get("blocks"), f"{where}.blocks")
-        stored = raw = 0
+        raw = 0
         for i, rec in enumerate(recs):
             check_block_record(rec, f"{where}.blocks[{i}]", group, block_size)
-            stored += rec[0]
             raw += rec[1]
+        try:
+            hashes = parse_hashes(d["hashes"], len(recs)) if "hashes" in d else ()
+            refs = parse_refs(d["refs"], recs, bases or {}, _MAX_INT) if "refs" in d else ()
+        except RefProblem as e:
+            raise _bad(where + e.where, e.what) from None
+        stored = own_stored(recs, refs)
         if stored != length or raw != nbytes:
             raise _bad(where, f"blocks hold {stored} stored / {raw} raw bytes, the item says "
                               f"{length} / {nbytes}")
         return {"file": rel, "offset": offset, "length": length, "nbytes": nbytes,
-                "blocks": tuple(recs)}
+                "blocks": tuple(recs), "hashes": hashes, "refs": refs}
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,8 @@ class TensorEntry:
 
     @classmethod
     def from_json(cls, d: Any, where: str, files: Mapping[str, FileEntry],
-                  block_size: int) -> TensorEntry:
+                  block_size: int, bases: Mapping[str, Mapping[str, FileEntry]] | None = None,
+                  ) -> TensorEntry:
         d = _dict(d, where)
         dt = d.get("dtype")
         if not dtypes.is_dtype_name(dt):
@@ -187,7 +188,7 @@ class TensorEntry:
                                f"shape {list(shape)}")
             if any(o + s > n for o, s, n in zip(offs, sizes, shape)):
                 raise _bad(cw, f"box at {list(offs)} of {list(sizes)} exceeds shape {list(shape)}")
-            item = StoredItem.parse_item(c, cw, files, group, block_size)
+            item = StoredItem.parse_item(c, cw, files, group, block_size, bases)
             if item["nbytes"] != math.prod(sizes) * esize:
                 raise _bad(cw, f"{item['nbytes']} raw bytes for {list(sizes)} x {esize} bytes")
             chunks.append(Chunk(offsets=offs, sizes=sizes, **item))
@@ -205,53 +206,6 @@ def _dims(v: Any, where: str) -> tuple[int, ...]:
     return out
 
 
-def _check_tiling(shape: tuple[int, ...], chunks: list[Chunk], where: str) -> None:
-    """The chunks cover every element of the tensor exactly once."""
-    total = math.prod(shape)
-    if not chunks:
-        if total:
-            raise _bad(where, "a non-empty tensor has no chunks")
-        return
-    if sum(math.prod(c.sizes) for c in chunks) != total:
-        raise _bad(where, f"chunks hold {sum(math.prod(c.sizes) for c in chunks)} elements, "
-                          f"the tensor {total}: chunks missing or overlapping")
-    if not shape or len(chunks) == 1:
-        return
-    # Equal volume plus no overlap is exact tiling. Sweep along dim 0 so that the
-    # usual row-sharded layouts compare each chunk with its neighbours only.
-    live = sorted((c for c in chunks if math.prod(c.sizes)), key=lambda c: c.offsets[0])
-    active: list[Chunk] = []
-    for c in live:
-        active = [a for a in active if a.offsets[0] + a.sizes[0] > c.offsets[0]]
-        for a in active:
-            if all(ao < co + cs and co < ao + as_ for ao, as_, co, cs
-                   in zip(a.offsets, a.sizes, c.offsets, c.sizes)):
-                raise _bad(where, f"chunks at {list(a.offsets)} and {list(c.offsets)} overlap")
-        active.append(c)
-
-
-def _check_disjoint(tensors: Mapping[str, TensorEntry], objects: Mapping[str, ObjectEntry],
-                    ) -> None:
-    """No two items share stored bytes: a writer appends items back to back, so an
-    offset that moved (damage the block checksums alone would catch only when
-    verifying) lands on a neighbour and is refused here."""
-    spans: dict[str, list[tuple[int, int, str]]] = {}
-    for k, t in tensors.items():
-        for i, c in enumerate(t.chunks):
-            if c.length:
-                spans.setdefault(c.file, []).append((c.offset, c.length,
-                                                     f"tensors[{k!r:.80}].chunks[{i}]"))
-    for k, o in objects.items():
-        if o.length:
-            spans.setdefault(o.file, []).append((o.offset, o.length, f"objects[{k!r:.80}]"))
-    for rel, items in spans.items():
-        items.sort()
-        for (a_off, a_len, a_where), (b_off, _, b_where) in zip(items, items[1:]):
-            if b_off < a_off + a_len:
-                raise _bad(b_where, f"bytes at {b_off} of {rel} overlap those of {a_where} "
-                                    f"[{a_off}, {a_off + a_len})")
-
-
 @dataclass(frozen=True)
 class Manifest:
     world_size: int
@@ -265,6 +219,8 @@ class Manifest:
     created: str = ""
     created_unix: float = 0.0
     format_version: int = FORMAT_VERSION
+    # Sibling checkpoints (../NAME) holding referenced blocks -> their files (format/refs.py)
+    bases: dict[str, dict[str, FileEntry]] = field(default_factory=dict)
 
     @classmethod
     def new(cls, **kw: Any) -> Manifest:
@@ -303,6 +259,8 @@ class Manifest:
             "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "objects": {k: v.to_json() for k, v in self.objects.items()},
             "planner_data": self.planner_data, "user_metadata": self.user_metadata,
+            "bases": {b: {"files": {k: v.to_json() for k, v in fs.items()}}
+                      for b, fs in self.bases.items()},
         }
 
     def to_bytes(self) -> bytes:
@@ -334,13 +292,15 @@ class Manifest:
             if not is_data_file_name(rel):
                 raise _bad("files", f"{rel!r:.80} is not a data file name inside the checkpoint")
             files[rel] = FileEntry.from_json(fe, f"files[{rel!r}]")
+        bases = _parse_bases(d.get("bases", {}))
         tensors = {_str(k, "tensors"): TensorEntry.from_json(v, f"tensors[{k!r:.80}]", files,
-                                                             block_size)
+                                                             block_size, bases)
                    for k, v in _dict(d.get("tensors"), "tensors").items()}
         objects = {}
         for k, v in _dict(d.get("objects"), "objects").items():
             w = f"objects[{k!r:.80}]"
-            objects[k] = ObjectEntry(**StoredItem.parse_item(_dict(v, w), w, files, 1, block_size))
+            objects[k] = ObjectEntry(**StoredItem.parse_item(_dict(v, w), w, files, 1, block_size,
+                                                             bases))
         if set(tensors) & set(objects):
             raise _bad("objects", f"{sorted(set(tensors) & set(objects))[0]!r:.80} is also a tensor")
         _check_disjoint(tensors, objects)
@@ -357,7 +317,24 @@ class Manifest:
                    planner_data=pd, user_metadata=_dict(um, "user_metadata"),
                    versions=_dict(d.get("versions", {}), "versions"),
                    created=_str(d.get("created", ""), "created"), created_unix=float(created_unix),
-                   format_version=d["format_version"])
+                   format_version=d["format_version"], bases=bases)
+
+
+def _parse_bases(v: Any) -> dict[str, dict[str, FileEntry]]:
+    out: dict[str, dict[str, FileEntry]] = {}
+    for ref, b in _dict(v, "bases").items():
+        w = f"bases[{ref!r:.80}]"
+        if not is_base_name(ref):
+            raise _bad(w, "a base is a sibling checkpoint, ../NAME with NAME one visible path "
+                          "component: a reference never resolves outside the directory of its "
+                          "checkpoint")
+        files = {}
+        for rel, fe in _dict(_dict(b, w).get("files"), f"{w}.files").items():
+            if not is_data_file_name(rel):
+                raise _bad(f"{w}.files", f"{rel!r:.80} is not a data file name")
+            files[rel] = FileEntry.from_json(fe, f"{w}.files[{rel!r}]")
+        out[ref] = files
+    return out
 
 
 def content_checksum(d: dict) -> str:
@@ -366,8 +343,31 @@ def content_checksum(d: dict) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+# Validated manifests by a digest of their exact bytes (a changed file is never served
+# from here): the manager, retention and the base index of an incremental save
+# read the same few manifests again and again, and parsing is what costs.
+_CACHE: OrderedDict[tuple[bytes, str], Manifest] = OrderedDict()
+_CACHE_BYTES, _CACHE_MAX_BYTES = [0], 64 << 20
+
+
 def parse_manifest(data: bytes, path: str) -> Manifest:
     """Bytes of manifest.json -> a validated Manifest, or a typed error naming `path`."""
+    key = (hashlib.blake2b(data, digest_size=32).digest() + len(data).to_bytes(8, "little"),
+           path)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    m = _parse_manifest(data, path)
+    _CACHE[key] = m
+    _CACHE_BYTES[0] += len(data)
+    while _CACHE_BYTES[0] > _CACHE_MAX_BYTES and len(_CACHE) > 1:
+        old, _ = _CACHE.popitem(last=False)
+        _CACHE_BYTES[0] -= int.from_bytes(old[0][32:], "little")
+    return m
+
+
+def _parse_manifest(data: bytes, path: str) -> Manifest:
     try:
         d = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:

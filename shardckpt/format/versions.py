@@ -3,6 +3,8 @@
 Version history:
   1  first release
   2  the manifest carries a sha256 of its own content (`checksum`)
+  3  incremental checkpoints: per-block content hashes (`hashes`), references to
+     blocks of a sibling base checkpoint (`refs`, top-level `bases`)
 
 A reader accepts every version up to FORMAT_VERSION: older manifests are
 migrated in memory before validation; `shardckpt migrate` rewrites them on disk.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # MIGRATIONS[v] turns a version-v manifest dict into a version-(v + 1) one.
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
@@ -29,6 +31,12 @@ def migration(version: int) -> Callable[[Callable[[dict], dict]], Callable[[dict
 def _v1_to_v2(d: dict) -> dict:
     # Only the checksum is new; it is computed when the manifest is written again.
     return {**d, "format_version": 2}
+
+
+@migration(2)
+def _v2_to_v3(d: dict) -> dict:
+    # A v2 checkpoint is standalone: no bases, no hashes (it cannot serve as a base).
+    return {**d, "bases": {}, "format_version": 3}
 
 
 def migrate(d: dict) -> dict:

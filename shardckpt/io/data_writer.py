@@ -24,6 +24,7 @@ import torch
 
 from .. import codec
 from ..format import StoredItem
+from .dedupe import BaseIndex, Encoded, encode_item
 from .policy import CompressionPolicy
 from .sinks import DataSink, final_of_staged, open_sink, typed_write_error
 
@@ -111,7 +112,9 @@ class DataFileWriter:
 
     def __init__(self, target: str | DataSink, rel: str, cfg: codec.CodecConfig,
                  threads: int | None = None, rank: int | None = None, *,
-                 adaptive: bool | None = None, storage_bps: float | None = None) -> None:
+                 adaptive: bool | None = None, storage_bps: float | None = None,
+                 base_index: BaseIndex | None = None) -> None:
+        self.base_index = base_index  # incremental save: blocks the base holds are skipped
         self.sink: DataSink = _local_sink(target, rank) if isinstance(target, str) else target
         self.path = self.sink.name
         self.rel = rel
@@ -159,27 +162,31 @@ class DataFileWriter:
             finally:
                 self._budget.release()
 
-    def _encode(self, raw: memoryview, group: int, inner: int) -> list[tuple[bytes, list]]:
-        """Encode one item with the codec settings the policy picks, timing it for the policy."""
+    def _encode(self, raw: memoryview, group: int, inner: int) -> Encoded:
+        """Encode one item (only the blocks the base does not hold) with the codec settings
+        the policy picks, timing it for the policy."""
         pol = self.policy
         compress = self.cfg.compression == "zstd" and (pol is None or pol.choose())
         cfg = self.cfg if compress else self._raw_cfg
         if pol is None:
-            return codec.encode_buffer(raw, group, cfg, inner)
+            return encode_item(raw, group, cfg, inner, self.base_index)
         budget = self.threads or codec.default_threads()
         with self._active_lock:
             self._active += inner
             share = min(1.0, budget / self._active)
         t0 = time.perf_counter()
         try:
-            blocks = codec.encode_buffer(raw, group, cfg, inner)
+            enc = encode_item(raw, group, cfg, inner, self.base_index)
         finally:
             with self._active_lock:
                 self._active -= inner
         # Items encoded at once share the CPUs: count each its share of thread time.
+        # Only the bytes actually encoded count (blocks the base holds were only hashed).
         thread_s = (time.perf_counter() - t0) * inner * share
-        pol.observe_encode(len(raw), sum(len(b) for b, _ in blocks), thread_s, compress)
-        return blocks
+        encoded = sum(r[1] for _, r in enc.own)
+        if encoded:
+            pol.observe_encode(encoded, sum(len(b) for b, _ in enc.own), thread_s, compress)
+        return enc
 
     def append(self, raw: memoryview, group: int) -> StoredItem:
         """Encode and queue one item; returns its storage record (offset, blocks, ...)."""
@@ -210,10 +217,10 @@ class DataFileWriter:
             out.append(self._queue(fut.result(), n))
         return out
 
-    def _queue(self, blocks: list[tuple[bytes, list]], nbytes: int) -> StoredItem:
+    def _queue(self, enc: Encoded, nbytes: int) -> StoredItem:
         offset = self._queued
         recs = []
-        for stored, rec in blocks:
+        for stored, rec in enc.own:
             self._budget.acquire()
             if self._err:
                 raise self._error()
@@ -221,8 +228,9 @@ class DataFileWriter:
             self._queued += len(stored)
             recs.append(rec)
         self.raw_bytes += nbytes
-        return StoredItem(file=self.rel, offset=offset, length=self._queued - offset,
-                          nbytes=nbytes, blocks=tuple(recs))
+        return enc.stored_item(StoredItem(file=self.rel, offset=offset,
+                                          length=self._queued - offset, nbytes=nbytes,
+                                          blocks=tuple(recs)))
 
     def codec_summary(self) -> dict:
         """What the compression policy did, for the manifest's codec settings."""

@@ -27,6 +27,7 @@ from ..format import blocks as geo
 from ..format.dtypes import dtype_from_name
 from ..format.keys import KeyMap
 from ..format.names import MANIFEST_NAME, Leftover, parse_leftover
+from .bases import BaseFiles
 from .prefetch import Key, Prefetcher, read_pieces
 from .storage import OpenCheckpoint, storage_for
 
@@ -140,6 +141,7 @@ class CheckpointReader:
         self.threads = threads
         self.verify = verify
         self._ckpt, stored = _open(self.path)
+        self._bases = BaseFiles(self.path, stored)  # incremental: blocks its bases hold
         self.stored_manifest = stored
         self.manifest = stored if key_map is None else stored.renamed(key_map)
         self.bytes_read = 0
@@ -148,11 +150,19 @@ class CheckpointReader:
     def close(self) -> None:
         self.stop_prefetch()
         self._ckpt.close()
+        self._bases.close()
+
+    @property
+    def bases(self) -> BaseFiles:
+        """The base checkpoints this one references (opened on first use)."""
+        return self._bases
 
     # ---------------------------------------------------------------- read-ahead
 
     def item_reads(self, item: StoredItem, wanted: Sequence[Block]) -> list[Key]:
         """The reads `read_blocks` will make for `wanted` blocks of `item`, in order."""
+        if item.refs:  # some blocks live in a base checkpoint: read through io/bases.py
+            return []
         chosen = sorted(wanted, key=lambda b: b.raw_start)
         return [(item.file, off, length) for off, length, _ in read_pieces(chosen)]
 
@@ -228,7 +238,7 @@ class CheckpointReader:
             if geo.box_span_bytes(so, ln, sizes, esize) is not None:
                 starts, run = geo.box_runs(list(so), list(ln), sizes)
                 for b in geo.blocks_for_runs(blocks, starts * esize, run * esize):
-                    need[b.offset] = b
+                    need[b.raw_start] = b  # offsets repeat across files with references
         return list(need.values())
 
     def read_region(self, fqn: str, offsets: Sequence[int] | None = None,
@@ -287,6 +297,8 @@ class CheckpointReader:
         """Read, verify and decode `wanted` blocks of an item; returns (buffer, raw offset of
         buffer[0]). The buffer spans the first to the last of them (bytes of blocks not
         wanted stay unset); `out`, if given, is a uint8 buffer for the whole item."""
+        if item.refs:
+            return self._bases.read_blocks(self, fqn, item, blocks, wanted, out, lo)
         chosen = sorted(wanted, key=lambda b: b.raw_start)
         if not chosen:
             return torch.empty(0, dtype=torch.uint8), lo

@@ -29,10 +29,11 @@ from ..format import DirState
 from ..format.names import Leftover, trash_name
 from ..io.commit import staging_abandoned
 from ..io.fsutil import remove_dir
-from ..io.reader import CheckpointReader, find_partials
+from ..io.reader import CheckpointReader, find_partials, read_manifest
 from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
-from .catalog import CheckpointInfo, delete_checkpoint, list_checkpoints, precheck, step_entries
+from . import refcount
+from .catalog import CheckpointInfo, list_checkpoints, precheck, step_entries
 from .leases import Leases
 from .names import BEST_POINTER, LATEST_POINTER, parse_leftover_in_root, parse_step, step_dir_name
 from .pointers import Pointers
@@ -61,8 +62,13 @@ def state_bytes(tree: Any) -> int:
 class RootKeeper:
     def __init__(self, root: str, *, policy: Policy, metric: str | None, mode: str,
                  leases: Leases, verify_on_restore: str, space_margin: float,
-                 min_free_bytes: int) -> None:
+                 min_free_bytes: int, incremental: bool = False, full_every: int = 10) -> None:
+        if full_every < 1:
+            raise ValueError(f"full_every must be >= 1, not {full_every}")
         self.root = root
+        self.incremental = incremental
+        self.full_every = full_every
+        self._save_leases: list[str | None] = []  # the bases of the save in flight
         self.policy = policy
         self.metric = metric
         self.mode = mode
@@ -82,6 +88,38 @@ class RootKeeper:
         if self.pending_name is not None:
             prot.add(self.pending_name)
         return prot
+
+    def drop_save_leases(self) -> None:
+        for p in self._save_leases:
+            self.leases.drop(p)
+        self._save_leases = []
+
+    def choose_base(self, step: int) -> tuple[str | None, int]:
+        """(base, chain) of the next save: the previous checkpoint and saves since the last
+        full one; (None, 0) for a full save (not incremental, none yet, every full_every)."""
+        if not self.incremental:
+            return None, 0
+        target = step_dir_name(step)
+        latest = self.pointers.read(LATEST_POINTER)
+        prev = None if latest is None or latest["name"] == target else latest["name"]
+        if prev is None or storage_for(self._path(prev)).state(
+                self._path(prev)) != DirState.COMMITTED:
+            infos = [i for i in list_checkpoints(self.root)
+                     if i.problem is None and i.name != target]
+            if not infos:
+                return None, 0
+            prev = infos[-1].name
+        try:
+            m = read_manifest(self._path(prev))
+        except FALLBACK_ERRORS:
+            return None, 0
+        chain = m.user_metadata.get("manager", {}).get("chain") if m.bases else 0
+        if type(chain) is not int or chain + 1 >= self.full_every:
+            return None, 0
+        # Leased until the save commits, so a concurrent `shardckpt gc` keeps it; the
+        # checkpoints it references in turn stay because it (live) references them.
+        self._save_leases = [self.leases.take(prev)]
+        return prev, chain + 1
 
     def droppable(self, infos: list[CheckpointInfo],
                    extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
@@ -128,6 +166,7 @@ class RootKeeper:
         if not is_url(self.root):
             os.makedirs(self.root, exist_ok=True)
         self.clean_leftovers()
+        self.make_target_free(step)
         infos = list_checkpoints(self.root)
         prev = [i for i in infos if i.step != step]
         estimate = prev[-1].size_bytes if prev else (self.state_estimate or 0)
@@ -136,7 +175,7 @@ class RootKeeper:
             return {"freed": []}  # an object store has no free space to check
         free = shutil.disk_usage(self.root).free
         if free >= need:
-            return {"freed": []}
+            return {"freed": [], **self._base_plan(step)}
         droppable = self.droppable(infos, (step, metric_value(metrics, self.metric)))
         reclaim = sum(i.size_bytes for i in droppable)
         if free + reclaim < need:
@@ -149,10 +188,10 @@ class RootKeeper:
         for i in droppable:  # oldest first
             if free >= need:
                 break
-            delete_checkpoint(self.root, i.name)
-            freed.append(i.name)
+            if refcount.drop(self.root, i.name) == "deleted":
+                freed.append(i.name)
             free = shutil.disk_usage(self.root).free
-        return {"freed": freed}
+        return {"freed": freed, **self._base_plan(step)}
 
     def after_commit(self, step: int, metrics: dict) -> dict:
         """Rank 0, once `step` is committed: move pointers, then apply retention."""
@@ -174,15 +213,33 @@ class RootKeeper:
                     "name": name, "step": step, "metric": self.metric, "value": value,
                     "mode": self.mode, "updated_unix": now})
                 moved.append("best")
-        deleted = []
+        self.drop_save_leases()
+        deleted, retired = [], []
         for i in self.droppable(list_checkpoints(self.root)):
-            if delete_checkpoint(self.root, i.name):
-                deleted.append(i.name)
-        return {"pointers": moved, "deleted": deleted}
+            outcome = refcount.drop(self.root, i.name)
+            (deleted if outcome == "deleted" else retired if outcome else []).append(i.name)
+        deleted += refcount.sweep(self.root, self.protected())
+        return {"pointers": moved, "deleted": deleted, "retired": retired}
+
+    def _base_plan(self, step: int) -> dict:
+        base, chain = self.choose_base(step)
+        return {"base": base, "chain": chain}
+
+    def make_target_free(self, step: int) -> None:
+        """Before saving over `step`'s name: what references it is rewritten standalone, and
+        a retired checkpoint there (kept only for those references) goes."""
+        name = step_dir_name(step)
+        if not os.path.isdir(self._path(name)):
+            return
+        if refcount.references(self.root).users_of(name):
+            refcount.release(self.root, name)
+        if refcount.is_retired(self.root, name):
+            refcount.drop(self.root, name)
 
     def cleanup_failed(self, step: int) -> None:
         # shardckpt.save's coordinator removes its staging dir on failure; this
         # also catches a leftover from a path where it could not.
+        self.drop_save_leases()
         for p in find_partials(self._path(step_dir_name(step))):
             if staging_abandoned(p, older_than=0.0):
                 shutil.rmtree(p, ignore_errors=True)
@@ -217,7 +274,8 @@ class RootKeeper:
             return None, e
         try:
             err = (verify_reader(reader, raise_on_error=False).error()
-                   if self.verify_on_restore == "full" else precheck(reader))
+                   if self.verify_on_restore == "full" else
+                   precheck(reader) or reader.bases.precheck())
         except FALLBACK_ERRORS as e:
             err = e
         if err is not None:

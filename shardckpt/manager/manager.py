@@ -68,13 +68,17 @@ class CheckpointManager:
     `keep_best` best by `metrics[metric]` (`mode` "min" or "max"), and every step
     divisible by `keep_every`; plus whatever a pointer or a live reader lease names.
 
+    `incremental=True`: unchanged blocks are referenced, not rewritten; every `full_every`-th
+    save is full; a dropped checkpoint still referenced is retired (docs/USAGE.md).
+
     `async_save=True` writes through `shardckpt.async_save`; pointers and retention
     for that save happen at the next `save` / `restore` / `wait` on every rank.
     """
 
     def __init__(self, root: str | os.PathLike, keep_last: int | None = 3, keep_best: int = 1,
                  metric: str | None = None, mode: Literal["min", "max"] = "min",
-                 keep_every: int | None = None, async_save: bool = False,
+                 keep_every: int | None = None, incremental: bool = False,
+                 async_save: bool = False,
                  process_group: Any = None,
                  preemption_signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1), *,
                  save_options: dict[str, Any] | None = None,
@@ -85,7 +89,7 @@ class CheckpointManager:
                  on_save: Callable[[ManagerSaveResult], Any] | None = None,
                  on_restore: Callable[[int, str], Any] | None = None,
                  timeout: float | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, full_every: int = 10) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_best < 0:
@@ -105,6 +109,7 @@ class CheckpointManager:
         self.metric = metric
         self.mode = mode
         self.keep_every = keep_every
+        self.incremental, self.full_every = incremental, full_every
         self.async_save = async_save
         self.process_group = process_group
         self.save_options = dict(save_options or {})
@@ -126,7 +131,8 @@ class CheckpointManager:
             self.root, policy=policy_for(keep_last=keep_last, keep_best=self.keep_best,
                                          mode=mode, keep_every=keep_every),
             metric=metric, mode=mode, leases=self._leases, verify_on_restore=verify_on_restore,
-            space_margin=space_margin, min_free_bytes=min_free_bytes)
+            space_margin=space_margin, min_free_bytes=min_free_bytes, incremental=incremental,
+            full_every=full_every)
         self._preempt = PreemptionHandler(tuple(preemption_signals), preemption_grace_s)
 
     # ------------------------------------------------------------------ signals
@@ -235,10 +241,13 @@ class CheckpointManager:
             # Once per manager and on every rank: a Stateful's state_dict() may itself
             # be a collective (FSDP). Only used when no earlier checkpoint exists.
             self._keeper.state_estimate = state_bytes(state)
-        self._ctrl.decide(lambda: self._keeper.prepare_write(step, metrics))
+        plan = self._ctrl.decide(lambda: self._keeper.prepare_write(step, metrics))
         path = self._path(step_dir_name(step))
         meta = {"step": step, "metrics": metrics, "manager": {"reason": reason}}
         opts = dict(self.save_options)
+        if plan.get("base"):  # incremental: blocks the previous checkpoint holds are skipped
+            opts["base"] = self._path(plan["base"])
+            meta["manager"]["chain"] = plan["chain"]
         if sync:
             try:
                 r = _save(state, path, process_group=self._dcp_group(), metadata=meta,

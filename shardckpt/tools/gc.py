@@ -21,6 +21,7 @@ from ..format.names import Leftover, parse_leftover, parse_temp, trash_name
 from ..io.commit import staging_abandoned
 from ..io.fsutil import dir_size, pid_alive, remove_dir
 from ..io.storage import is_url, norm_path, storage_for
+from ..manager import refcount
 from ..manager.catalog import delete_checkpoint, list_checkpoints
 from ..manager.leases import Leases
 from ..manager.pointers import Pointers
@@ -101,14 +102,19 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
         infos = list_checkpoints(root)
         protected |= Leases(root).live_names(remove_stale=not dry_run)
         keep = LastN(keep_last).keep([(i.step, None) for i in infos])
+        refs = refcount.references(root)
         for i in infos:
             if i.step in keep:
                 continue
             if i.name in protected:
                 report.kept.append((i.name, "named by a latest/best pointer or a reader lease"))
                 continue
+            users = refs.users_of(i.name) - {j.name for j in infos if j.step not in keep}
+            if users:  # retired: it goes once nothing that is kept references it
+                report.kept.append((i.name, f"retired, still referenced by "
+                                            f"{', '.join(sorted(users))}"))
             actions.append(GcAction(i.path, "checkpoint", f"beyond keep-last {keep_last}",
-                                    i.size_bytes))
+                                    0 if users else i.size_bytes))
     now = time.time()
     for e in sorted(os.listdir(root)):
         parsed = parse_leftover(e)
@@ -152,13 +158,20 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
             continue
         if not dry_run:
             if a.kind == "checkpoint":
-                if not delete_checkpoint(root, os.path.basename(a.path)):
+                # Referenced by a kept incremental checkpoint: retired, not deleted.
+                if refcount.drop(root, os.path.basename(a.path)) is None:
                     continue
             else:
                 base = parse_leftover(os.path.basename(a.path))[0]
                 if not remove_dir(a.path, os.path.join(root, trash_name(base, uuid.uuid4().hex[:12]))):
                     continue
         report.removed.append(a)
+    if not dry_run:  # retired checkpoints nothing references any more are leftovers too
+        protected |= Leases(root).live_names(remove_stale=False)
+        for name in refcount.sweep(root, protected):
+            report.removed.append(GcAction(os.path.join(root, name), "retired",
+                                           "retired, and no checkpoint references it any more",
+                                           0))
     return report
 
 

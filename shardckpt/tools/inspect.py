@@ -12,11 +12,16 @@ from typing import Any
 import torch
 
 from ..format import dtype_from_name
+from ..format.refs import RefBlock
 from ..io.fsutil import dir_size
 from ..io.reader import CheckpointReader
 from ..io.storage import norm_path
 from .report import human_bytes as _human
 from .report import plural, refuse_special
+
+
+def _stored_items(m: Any) -> list[Any]:
+    return [c for t in m.tensors.values() for c in t.chunks] + list(m.objects.values())
 
 
 def _step(um: dict) -> Any:
@@ -80,6 +85,8 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
     m = reader.manifest
     keys: list[dict[str, Any]] = []
     logical = 0
+    referenced = sum(b.stored_len for c in _stored_items(m) for b in c.block_list()
+                     if isinstance(b, RefBlock))
     for k, t in m.tensors.items():
         n = torch.empty((), dtype=dtype_from_name(t.dtype)).element_size()
         for s in t.shape:
@@ -116,12 +123,17 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         "codec": m.codec,
         "bytes_logical": logical,
         "bytes_on_disk": on_disk,
-        "compression_ratio": (logical / on_disk) if on_disk else None,
+        # of the codec: over every stored byte the checkpoint reads, its own and referenced
+        "compression_ratio": (logical / (on_disk + referenced)) if on_disk + referenced else None,
         "n_tensors": len(m.tensors),
         "n_objects": len(m.objects),
         "ranks": [ranks[r] for r in sorted(ranks)],
         "user_metadata": m.user_metadata,
         "keys": keys,
+        # incremental only: stored bytes this checkpoint holds vs those its bases hold for it
+        **({"bytes_own": on_disk, "bytes_referenced": referenced,
+            "bases": [os.path.normpath(os.path.join(os.path.abspath(reader.path), b))
+                      for b in sorted(m.bases)]} if m.bases else {}),
     }
 
 
@@ -144,6 +156,12 @@ def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
         f"on disk" + (f" (ratio {ratio:.2f}x)" if ratio else ""),
         f"keys         {plural(info['n_tensors'], 'tensor')}, "
         f"{plural(info['n_objects'], 'object')}",
+    ]
+    if info.get("bases"):
+        lines.append(f"incremental  {_human(info['bytes_own'])} own, "
+                     f"{_human(info['bytes_referenced'])} referenced in "
+                     f"{', '.join(info['bases'])}")
+    lines += [
         "files per rank:",
     ]
     for r in info["ranks"]:

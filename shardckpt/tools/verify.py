@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .. import codec
 from ..errors import CorruptCheckpointError, ShardckptError
 from ..format import StoredItem
+from ..format.refs import RefBlock
 from ..io.reader import CheckpointReader
 
 _READ_CHUNK = 8 << 20
@@ -97,7 +98,8 @@ def _check_file(reader: CheckpointReader, rel: str, items: list[tuple[str, Store
     blocks = []
     for fqn, item in items:
         for i, b in enumerate(item.block_list()):
-            blocks.append((b.offset, i, fqn, b))
+            if not isinstance(b, RefBlock):  # referenced blocks: checked in their base
+                blocks.append((b.offset, i, fqn, b))
     blocks.sort(key=lambda x: x[0])
     f = reader.open_file(rel)
     crc = 0
@@ -160,6 +162,13 @@ def verify_reader(reader: CheckpointReader, *, deep: bool = False, threads: int 
         report.blocks += nblocks
         report.bytes_checked += nbytes
         report.files += 1
+    if reader.manifest.bases:
+        from .refcheck import check_references
+
+        probs, nblocks, nbytes = check_references(reader, deep, Problem)
+        report.problems.extend(probs)
+        report.blocks += nblocks
+        report.bytes_checked += nbytes
     err = report.error()
     if err is not None and raise_on_error:
         raise err

@@ -91,7 +91,7 @@ def _with_tensor(d, chunks, shape=(4, 4), dtype="int8"):
 def test_saved_manifest_parses(saved):
     data, raw = saved
     m = parse_manifest(data, "x/manifest.json")
-    assert m.format_version == 2 and m.world_size == 1
+    assert m.format_version == 3 and m.world_size == 1
     assert set(m.tensors) == {"w", "b", "h", "s"} and set(m.objects) == {"step"}
     assert m.files == {FILE: FileEntry(rank=0, size=raw["files"][FILE]["size"],
                                        crc32=raw["files"][FILE]["crc32"])}
@@ -577,7 +577,7 @@ def test_not_a_checkpoint(data):
         parse_manifest(data, "p/manifest.json")
 
 
-@pytest.mark.parametrize("version", [3, 99, 2 ** 70])
+@pytest.mark.parametrize("version", [4, 99, 2 ** 70])
 def test_newer_format_version_is_unsupported(d, version):
     d["format_version"] = version
     with pytest.raises(UnsupportedFormatError, match="upgrade"):
@@ -643,12 +643,12 @@ def test_version_1_without_checksum_is_migrated(d):
     del d["checksum"]
     d["format_version"] = 1
     m = parse_manifest(json.dumps(d).encode(), "p")
-    assert m.format_version == 2
-    d["format_version"] = 2
+    assert m.format_version == 3
+    d["format_version"] = 3
     assert m == Manifest.from_json(d)
-    # and written again it is a valid version-2 manifest with a checksum
+    # and written again it is a valid version-3 manifest with a checksum
     again = json.loads(m.to_bytes())
-    assert again["format_version"] == 2 and again["checksum"].startswith("sha256:")
+    assert again["format_version"] == 3 and again["checksum"].startswith("sha256:")
     assert parse_manifest(m.to_bytes(), "p") == m
 
 
@@ -658,7 +658,7 @@ def test_version_1_fixture_parses():
         data = f.read()
     assert json.loads(data)["format_version"] == 1 and "checksum" not in json.loads(data)
     m = parse_manifest(data, path)
-    assert m.format_version == 2 and m.world_size == 1 and "w32" in m.tensors
+    assert m.format_version == 3 and m.world_size == 1 and "w32" in m.tensors
 
 
 def test_mutation_is_also_caught_behind_a_valid_checksum(d):
@@ -666,3 +666,91 @@ def test_mutation_is_also_caught_behind_a_valid_checksum(d):
     d["world_size"] = 0
     with pytest.raises(ManifestError, match="world_size"):
         parse_manifest(_sealed(d), "p")
+
+
+# ------------------------------------------------------------------ references (format 3)
+
+BASE = "../ck0"
+
+
+def _with_ref(d: dict, key: str = "w", first: int = 0, count: int = 1, offset: int = 0,
+              base_size: int = 1 << 20) -> dict:
+    """Chunk 0 of `key` with its blocks [first, first+count) moved to a base file."""
+    d["bases"] = {BASE: {"files": {FILE: {"rank": 0, "size": base_size, "crc32": 0}}}}
+    c = d["tensors"][key]["chunks"][0]
+    c["refs"] = [[first, count, BASE, FILE, offset]]
+    c["length"] -= sum(b[0] for b in c["blocks"][first:first + count])
+    return d
+
+
+def test_saved_manifest_has_a_hash_per_block(d):
+    for t in d["tensors"].values():
+        for c in t["chunks"]:
+            assert len(c["hashes"]) == len(c["blocks"])
+    assert d["bases"] == {}
+
+
+def test_reference_round_trips(d):
+    m = Manifest.from_json(_with_ref(d, count=2, offset=100))
+    c = m.tensors["w"].chunks[0]
+    assert c.refs[0].base == BASE and c.refs[0].count == 2
+    blocks = c.block_list()
+    assert [type(b).__name__ for b in blocks] == ["RefBlock", "RefBlock", "Block"]
+    assert blocks[1].offset == 100 + blocks[0].stored_len and blocks[2].offset == c.offset
+    assert Manifest.from_json(json.loads(m.to_bytes())) == m
+
+
+@pytest.mark.parametrize("base", ["../../x", "..", "../", "../.hidden", "/etc", "x", "../a/b",
+                                  "../a/../b", "../a\\b", "../a\0b", 7])
+def test_base_names_stay_in_the_root(d, base):
+    d = _with_ref(d)
+    d["bases"] = {str(base): d["bases"][BASE]}
+    d["tensors"]["w"]["chunks"][0]["refs"][0][2] = base
+    _rejects(d, "bases")
+
+
+def test_ref_to_an_unknown_base_or_file(d):
+    d = _with_ref(d)
+    d["tensors"]["w"]["chunks"][0]["refs"][0][2] = "../other"
+    _rejects(d, "refs[0][2]", "not one of the manifest's bases")
+    d["tensors"]["w"]["chunks"][0]["refs"][0][2] = BASE
+    d["tensors"]["w"]["chunks"][0]["refs"][0][3] = "data/r00009.bin"
+    _rejects(d, "refs[0][3]", "not a file of base")
+
+
+@pytest.mark.parametrize("first,count", [(0, 0), (2, 2), (3, 1), (-1, 1)])
+def test_ref_block_ranges(d, first, count):
+    d = _with_ref(d)
+    d["tensors"]["w"]["chunks"][0]["refs"][0][:2] = [first, count]
+    _rejects(d, "refs[0]")
+
+
+def test_overlapping_or_unordered_refs(d):
+    d = _with_ref(d, first=1, count=1)
+    c = d["tensors"]["w"]["chunks"][0]
+    c["refs"].append([0, 1, BASE, FILE, 0])
+    _rejects(d, "refs[1]", "out of order")
+
+
+def test_ref_bytes_inside_the_base_file(d):
+    d = _with_ref(d, base_size=10)
+    _rejects(d, "refs[0]", "outside")
+
+
+def test_own_length_counts_only_own_blocks(d):
+    d = _with_ref(d)
+    d["tensors"]["w"]["chunks"][0]["length"] += 1
+    _rejects(d, "tensors['w'].chunks[0]", "stored")
+
+
+@pytest.mark.parametrize("bad", [["0" * 32], "x", [1, 2, 3], ["G" * 32] * 3, ["0" * 31] * 3])
+def test_hashes_are_validated(d, bad):
+    d["tensors"]["w"]["chunks"][0]["hashes"] = bad
+    _rejects(d, "hashes")
+
+
+def test_v2_manifest_migrates_to_standalone_v3(d):
+    d["format_version"] = 2
+    del d["bases"]
+    m = parse_manifest(_sealed(d), "p")
+    assert m.format_version == 3 and m.bases == {}

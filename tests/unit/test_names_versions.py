@@ -127,8 +127,8 @@ def test_format_names_constants():
 # ------------------------------------------------------------------ versions
 
 
-def test_format_version_is_2():
-    assert ver.FORMAT_VERSION == 2
+def test_format_version_is_3():
+    assert ver.FORMAT_VERSION == 3
 
 
 def test_every_older_version_has_a_migration():
@@ -140,8 +140,8 @@ def test_every_older_version_has_a_migration():
 def test_migrate_v1_to_current():
     d = {"format": "shardckpt", "format_version": 1, "world_size": 2, "tensors": {"a": 1}}
     out = ver.migrate(d)
-    assert out == {"format": "shardckpt", "format_version": 2, "world_size": 2,
-                   "tensors": {"a": 1}}
+    assert out == {"format": "shardckpt", "format_version": 3, "world_size": 2,
+                   "tensors": {"a": 1}, "bases": {}}
     assert d["format_version"] == 1  # the input is not modified
 
 

@@ -1,0 +1,241 @@
+"""Incremental saves: the block index of a base checkpoint and the decision to skip a block.
+
+Every block's identity is the XXH3-128 of its raw bytes. A block whose hash
+(and length, and byte-plane layout) matches a block the base index knows is not
+encoded or written again: the item records a reference to the checkpoint that
+physically holds it (format/refs.py), so references stay one hop deep. Blocks
+match by content, not position, so the base may come from any world size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .. import codec
+from ..errors import InvalidBaseError
+from ..format import FileEntry, Manifest, StoredItem
+from ..format.blocks import MODE_GROUPED
+from ..format.refs import Ref, RefBlock, base_name, base_ref, runs_of
+
+log = logging.getLogger("shardckpt")
+
+
+def _native_hash_buffer() -> Any:
+    return getattr(codec, "hash_buffer", None)
+
+
+_FUSED: dict[Any, bool] = {}
+
+
+def _fused_encode() -> bool:
+    """Whether codec.encode_buffer hashes while it encodes (looked up per function: tests
+    replace it)."""
+    fn = codec.encode_buffer
+    fused = _FUSED.get(fn)
+    if fused is None:
+        try:
+            fused = "hashes" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            fused = False
+        _FUSED[fn] = fused
+    return fused
+
+
+def block_hashes(raw: memoryview, block_size: int, threads: int | None = None) -> list[bytes]:
+    """XXH3-128 (canonical bytes) of each `block_size` block of `raw`.
+
+    The native codec computes them when it has `hash_buffer`; until then the
+    `xxhash` package (the reference implementation's bindings) does, block by block.
+    """
+    fn = _native_hash_buffer()
+    if fn is not None:
+        return list(fn(raw, block_size, threads))
+    import xxhash
+
+    return [xxhash.xxh3_128_digest(raw[i:i + block_size]) for i in range(0, len(raw), block_size)]
+
+
+def encode_and_hash(raw: memoryview, group: int, cfg: codec.CodecConfig,
+                    threads: int | None) -> tuple[list[tuple[bytes, list]], list[bytes]]:
+    """Encoded blocks and their hashes, in one pass over the bytes where the codec can."""
+    if _fused_encode():
+        hashes: list[bytes] = []
+        return codec.encode_buffer(raw, group, cfg, threads, hashes=hashes), hashes
+    return codec.encode_buffer(raw, group, cfg, threads), block_hashes(raw, cfg.block_size,
+                                                                       threads)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Where a base stores a block with the wanted content, and its record."""
+
+    base: str
+    file: str
+    offset: int
+    record: list
+
+
+def _layout(rec: list) -> int:
+    # A byte-plane block decodes only into an item of the same group size; a plain
+    # one ("r"/"z") is bytes and fits any.
+    return len(rec[4]) if rec[3] == MODE_GROUPED else 0
+
+
+class BaseIndex:
+    """The blocks of a base checkpoint by content, for a save to `target` (a sibling)."""
+
+    def __init__(self, base: str | os.PathLike, target: str | os.PathLike) -> None:
+        from .reader import read_manifest
+
+        self.base = os.path.abspath(os.fspath(base))
+        target = os.path.abspath(os.fspath(target))
+        if os.path.dirname(self.base) != os.path.dirname(target):
+            raise InvalidBaseError(
+                f"{target}: base {self.base} is not in the same directory; an incremental "
+                f"checkpoint references only siblings (save both under one root).")
+        if self.base == target:
+            raise InvalidBaseError(f"{target}: a checkpoint cannot be its own base; pass the "
+                                   f"previous checkpoint as base=.")
+        self.target_ref = base_ref(os.path.basename(target))
+        self.manifest: Manifest = read_manifest(self.base)
+        self.holders: dict[str, dict[str, FileEntry]] = {
+            base_ref(os.path.basename(self.base)): dict(self.manifest.files)}
+        for ref, files in self.manifest.bases.items():
+            self.holders.setdefault(ref, dict(files))
+        # The target would be replaced by this save: nothing of it may be referenced.
+        self.holders.pop(self.target_ref, None)
+        self._by_hash: dict[tuple[bytes, int, int], Hit] = {}
+        own = base_ref(os.path.basename(self.base))
+        for item in _items(self.manifest):
+            if not item.hashes:
+                continue  # written before format 3: nothing to match it by
+            for b, h in zip(item.block_list(), item.hashes):
+                holder, rel = (b.base, b.file) if isinstance(b, RefBlock) else (own, item.file)
+                if holder not in self.holders:
+                    continue
+                key = (bytes.fromhex(h), b.raw_len, _layout(b.record))
+                self._by_hash.setdefault(key, Hit(holder, rel, b.offset, b.record))
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def lookup(self, digest: bytes, raw_len: int, group: int) -> Hit | None:
+        hit = self._by_hash.get((digest, raw_len, group)) if group > 1 else None
+        return hit or self._by_hash.get((digest, raw_len, 0))
+
+    def same_structure(self, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+                       objects: Iterable[str]) -> bool:
+        """Whether a state of these tensors (key -> (dtype name, global shape)) and
+        objects has the base's structure."""
+        mine = {k: (t.dtype, tuple(t.shape)) for k, t in self.manifest.tensors.items()}
+        return mine == dict(tensors) and set(self.manifest.objects) == set(objects)
+
+    def bases_for(self, manifest: Manifest) -> dict[str, dict[str, FileEntry]]:
+        """The `bases` table of a manifest whose items reference this index's holders."""
+        used: dict[str, set[str]] = {}
+        for item in _items(manifest):
+            for r in item.refs:
+                used.setdefault(r.base, set()).add(r.file)
+        return {b: {rel: self.holders[b][rel] for rel in sorted(rels)}
+                for b, rels in sorted(used.items())}
+
+
+def _items(m: Manifest) -> Iterable[StoredItem]:
+    for t in m.tensors.values():
+        yield from t.chunks
+    yield from m.objects.values()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One item after the skip decision: the blocks to write, and every block's record."""
+
+    own: list[tuple[bytes, list]]
+    records: list[list]
+    hashes: list[str]
+    refs: list[Ref]
+
+    def stored_item(self, written: StoredItem) -> StoredItem:
+        """The item record of `written` (its own blocks) completed with the references."""
+        return replace(written, blocks=tuple(self.records), hashes=tuple(self.hashes),
+                       refs=tuple(self.refs))
+
+
+def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | None,
+                index: BaseIndex | None) -> Encoded:
+    """Hash every block; encode only those the base does not hold."""
+    if index is None:
+        own, digests = encode_and_hash(raw, group, cfg, threads)
+        return Encoded(own, [r for _, r in own], [d.hex() for d in digests], [])
+    bs = cfg.block_size
+    n = len(raw)
+    digests = block_hashes(raw, bs, threads)
+    hits = [index.lookup(d, min(bs, n - i * bs), group) for i, d in enumerate(digests)]
+    records: list[list] = [h.record if h is not None else [] for h in hits]
+    own: list[tuple[bytes, list]] = []
+    i = 0
+    while i < len(hits):
+        if hits[i] is not None:
+            i += 1
+            continue
+        j = i
+        while j < len(hits) and hits[j] is None:
+            j += 1
+        # Block boundaries are multiples of block_size, so encoding the span alone
+        # yields exactly the blocks a whole-item encode would.
+        for k, (stored, rec) in enumerate(codec.encode_buffer(raw[i * bs:min(n, j * bs)], group,
+                                                              cfg, threads)):
+            records[i + k] = rec
+            own.append((stored, rec))
+        i = j
+    locs = [None if h is None else (h.base, h.file, h.offset) for h in hits]
+    return Encoded(own, records, [d.hex() for d in digests], runs_of(locs, records))
+
+
+def index_for(base: str | os.PathLike | None, target: str) -> BaseIndex | None:
+    return None if base is None else BaseIndex(base, target)
+
+
+def plan_structure(plans: Iterable[Any]) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
+                                                   set[str]]:
+    """(tensors, objects) of DCP save plans: what `BaseIndex.same_structure` compares."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from ..format import dtype_name
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    objects: set[str] = set()
+    for plan in plans:
+        if not plan.usable:  # DCP's plan cache: the full plan rides along (dcp/planner.py)
+            plan = getattr(plan.planner_data, "full", None) or plan
+        for it in plan.items:
+            if it.type == WriteItemType.BYTE_IO:
+                objects.add(it.index.fqn)
+            else:
+                td = it.tensor_data
+                tensors[it.index.fqn] = (dtype_name(td.properties.dtype), tuple(td.size))
+    return tensors, objects
+
+
+def choose_base(base: str | os.PathLike | None, target: str, plans: list[Any]) -> str | None:
+    """Coordinator: the base every rank dedupes against, or None for a full save (no base
+    asked for, or the state's structure differs from the base's)."""
+    if base is None:
+        return None
+    index = BaseIndex(base, target)
+    tensors, objects = plan_structure(plans)
+    if not index.same_structure(tensors, objects):
+        log.info("shardckpt: %s: the state's keys, shapes or dtypes differ from base %s; "
+                 "writing a full checkpoint", target, index.base)
+        return None
+    return index.base
+
+
+def holder_names(m: Manifest) -> set[str]:
+    """Names of the sibling checkpoints a manifest references."""
+    return {base_name(b) for b in m.bases}
