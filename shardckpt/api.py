@@ -23,6 +23,7 @@ from .dcp.join import agree, join
 from .dcp.planner import key_hint
 from .errors import LoadFailedError, MissingKeysError, SaveFailedError, ShardckptError
 from .format.keys import key_mapper, model_key_map
+from .gcpause import gc_paused
 from .io.data_writer import typed_write_error
 from .io.reader import CheckpointReader
 from .io.storage import norm_path
@@ -146,7 +147,7 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
                          threads=threads, overwrite=overwrite, user_metadata=metadata,
                          storage_options=storage_options, base=base)
     try:
-        with quiet_no_dist():
+        with quiet_no_dist(), gc_paused():
             md = dcp.save(state, storage_writer=writer, process_group=process_group,
                           planner=SafeSavePlanner(path=os.fspath(path),
                                                   process_group=process_group))
@@ -283,7 +284,7 @@ def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: A
             prepare(keys)
     planner = SafeLoadPlanner(strict=strict, path=ckpt.path, scope=scope)
     try:
-        with quiet_no_dist():
+        with quiet_no_dist(), gc_paused():
             dcp.load(state, storage_reader=ShardReader(reader=ckpt), planner=planner,
                      process_group=process_group)
     except BaseException as e:
