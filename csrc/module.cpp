@@ -208,13 +208,7 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
   auto release_outs = [&] {
     for (PyObject* o : outs) Py_XDECREF(o);
   };
-  // Stored raw, a block is its input bytes: a byte memoryview's slices are returned
-  // instead of copies (the write path only reads them, and they keep the source
-  // alive), so a save that does not compress never copies the state once more.
-  const bool zero_copy = compress == 0 && PyMemoryView_Check(raw_obj) &&
-                         PyMemoryView_GET_BUFFER(raw_obj)->ndim == 1 &&
-                         PyMemoryView_GET_BUFFER(raw_obj)->itemsize == 1;
-  for (size_t i = 0; i < nblocks && !zero_copy; ++i) {
+  for (size_t i = 0; i < nblocks; ++i) {
     const size_t len = std::min(bs, n - i * bs);
     outs[i] = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(len));
     if (outs[i] == nullptr) {
@@ -233,15 +227,6 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
     shardckpt::ThreadPool::instance().parallel_for(nblocks, threads, [&](size_t i) {
       const size_t len = std::min(bs, n - i * bs);
       try {
-        if (zero_copy) {
-          uint8_t* digest = want_hashes ? digests.data() + i * shardckpt::kHashSize : nullptr;
-          if (digest != nullptr) shardckpt::block_hash(src + i * bs, len, digest);
-          BlockRecord& r = recs[i];
-          r.raw_len = r.stored_len = len;
-          r.mode = shardckpt::kModeRaw;
-          r.crc = shardckpt::crc32(src + i * bs, len);
-          return;
-        }
         recs[i] = shardckpt::encode_block(
             src + i * bs, len, group, compress != 0, level, static_cast<size_t>(sample), dsts[i],
             strategy, want_hashes ? digests.data() + i * shardckpt::kHashSize : nullptr);
@@ -274,12 +259,7 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
     outs[i] = nullptr;  // owned by the tuple (or freed) from here on
     PyObject* lst = nullptr;
     PyObject* pair = nullptr;
-    const Py_ssize_t a = static_cast<Py_ssize_t>(i * bs);
-    if (zero_copy) {
-      out = PySequence_GetSlice(raw_obj, a, a + static_cast<Py_ssize_t>(recs[i].raw_len));
-    }
-    if (out != nullptr &&
-        (zero_copy || _PyBytes_Resize(&out, static_cast<Py_ssize_t>(recs[i].stored_len)) == 0) &&
+    if (_PyBytes_Resize(&out, static_cast<Py_ssize_t>(recs[i].stored_len)) == 0 &&
         (lst = record_to_list(recs[i])) != nullptr) {
       pair = PyTuple_Pack(2, out, lst);
     }

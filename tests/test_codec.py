@@ -7,13 +7,11 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 
 from shardckpt import codec
 from shardckpt import format as fmt
-from shardckpt.codec import CodecConfig, py_encode_block
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.blocks import record_problem
 
@@ -356,25 +354,3 @@ def test_native_errors_name_the_block() -> None:
 def test_versions() -> None:
     assert native.zstd_version() == "1.5.7"
     assert isinstance(native.version(), str)
-
-
-@pytest.mark.skipif(not codec.native_available(), reason="native codec not built")
-def test_raw_blocks_are_views_of_the_input_with_correct_records():
-    # compression="none": the native encoder returns slices of the caller's buffer
-    # (no copy of the state), with the same records the Python codec writes.
-    data = np.random.default_rng(5).integers(0, 256, 3 * 4096 + 17, dtype=np.uint8)
-    raw = memoryview(data).cast("B")
-    cfg = CodecConfig(compression="none", block_size=4096)
-    hashes: list[bytes] = []
-    blocks = codec.encode_buffer(raw, 2, cfg, 2, hashes=hashes)
-    assert len(blocks) == 4 and len(hashes) == 4
-    for i, (stored, rec) in enumerate(blocks):
-        assert isinstance(stored, memoryview)
-        assert np.shares_memory(np.frombuffer(stored, dtype=np.uint8), data)
-        piece = data[i * 4096:(i + 1) * 4096].tobytes()
-        assert bytes(stored) == piece
-        assert rec == py_encode_block(memoryview(piece), 2, cfg)[1]
-    out = bytearray(len(raw))
-    codec.decode_item_blocks(memoryview(b"".join(bytes(s) for s, _ in blocks)),
-                             [r for _, r in blocks], memoryview(out))
-    assert bytes(out) == data.tobytes()

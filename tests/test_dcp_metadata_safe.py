@@ -163,6 +163,10 @@ def _fsdp2_worker(rank: int, world: int, port: int, d: str) -> None:
         msd, osd = get_state_dict(m, opt)
         assert all(isinstance(v, DTensor) for v in msd.values())
         dcp.save({"model": msd, "optim": osd, "step": 1}, checkpoint_id=d)
+        # Both ranks past every collective before either tears gloo down: a rank that
+        # destroys its group while the peer's gloo threads still talk to it can abort
+        # in gloo's C++ teardown ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
