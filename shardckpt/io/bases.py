@@ -103,13 +103,9 @@ class BaseFiles:
         chosen = sorted(wanted, key=lambda b: b.raw_start)
         if not chosen:
             return torch.empty(0, dtype=torch.uint8), lo
-        if out is None:
-            start = chosen[0].raw_start
-            end = chosen[-1].raw_start + chosen[-1].raw_len
-            out = torch.empty(end - start, dtype=torch.uint8)
-        else:
-            start = 0
-        outmv = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
+        from .reader import decode_target  # reader imports this module
+
+        out, start, outmv = decode_target(chosen, out)
         index_of = {b.raw_start: i for i, b in enumerate(blocks)}
         groups: dict[tuple[str, str], list[Block]] = {}
         for b in chosen:

@@ -129,6 +129,19 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return manifest
 
 
+def decode_target(chosen: list[Block], out: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, int, memoryview]:
+    """Where blocks `chosen` (sorted) decode to: `out` (the whole item, from raw offset 0)
+    or a new buffer spanning the first to the last of them; (buffer, its raw offset, view)."""
+    if out is None:
+        base = chosen[0].raw_start
+        end = chosen[-1].raw_start + chosen[-1].raw_len
+        out = torch.empty(end - base, dtype=torch.uint8)
+    else:
+        base = 0
+    return out, base, memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
+
+
 class CheckpointReader:
     """One open checkpoint. `key_map` (checkpoint key -> caller's key) renames keys."""
 
@@ -302,13 +315,7 @@ class CheckpointReader:
         chosen = sorted(wanted, key=lambda b: b.raw_start)
         if not chosen:
             return torch.empty(0, dtype=torch.uint8), lo
-        if out is None:
-            base = chosen[0].raw_start
-            end = chosen[-1].raw_start + chosen[-1].raw_len
-            out = torch.empty(end - base, dtype=torch.uint8)
-        else:
-            base = 0
-        outmv = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
+        out, base, outmv = decode_target(chosen, out)
         path = os.path.join(self.path, item.file)
         rank = self.manifest.file_rank(item.file)
         try:
