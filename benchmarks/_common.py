@@ -342,3 +342,18 @@ def page_cache_dropper() -> bool:
         print("WARNING: cannot write /proc/sys/vm/drop_caches (not root?): loads are NOT cold; "
               "their figures include the page cache", flush=True)
     return ok
+
+
+def order(names: list[str], rep: int) -> list[str]:
+    """Tool order of repetition `rep`: rotated and, every other time, reversed, so no
+    tool always runs first (cold) or right after the same neighbour."""
+    k = rep % len(names)
+    rot = names[k:] + names[:k]
+    return rot[::-1] if rep % 2 else rot
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -133,18 +133,7 @@ def tools() -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def order(names: list[str], rep: int) -> list[str]:
-    k = rep % len(names)
-    rot = names[k:] + names[:k]
-    return rot[::-1] if rep % 2 else rot
-
-
 # ---------------------------------------------------------------- one (size, world) run
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _sum(x: float, world: int) -> float:
@@ -177,7 +166,7 @@ def _run_config(rank: int, world: int, cfg: dict) -> None:
                                            "disk": [], "blocking": []} for n in names}
     cold = True
     for rep in range(cfg["reps"]):
-        for name in order(names, rep):
+        for name in C.order(names, rep):
             r = rec[name]
             if name.startswith("raw"):
                 streams = int(name.split("x")[1])
@@ -194,13 +183,13 @@ def _run_config(rank: int, world: int, cfg: dict) -> None:
             if rank == 0:
                 C.remove(out)
                 os.sync()  # earlier tools' dirty pages are not flushed on this tool's clock
-            _barrier(world)
+            C.barrier(world)
             c0, t0 = C.process_cpu_s(), time.perf_counter()
             extra = save(state, out, rank)
-            _barrier(world)
+            C.barrier(world)
             if rank == 0:
                 C.fsync_tree(out)
-            _barrier(world)
+            C.barrier(world)
             r["save"].append(time.perf_counter() - t0)
             r["save_cpu"].append(_sum(C.process_cpu_s() - c0, world))
             r["blocking"].append(_sum(extra.get("blocking_s", 0.0), world) / world)
@@ -210,15 +199,15 @@ def _run_config(rank: int, world: int, cfg: dict) -> None:
                 C.zero_state(dest)
                 if rank == 0 and cfg["drop"]:
                     cold &= C.drop_page_cache()
-                _barrier(world)
+                C.barrier(world)
                 c0, t0 = C.process_cpu_s(), time.perf_counter()
                 loaded = load(dest, out, rank)
-                _barrier(world)
+                C.barrier(world)
                 r["load"].append(time.perf_counter() - t0)
                 r["load_cpu"].append(_sum(C.process_cpu_s() - c0, world))
                 C.assert_equal(loaded, state, f"{name} (rank {rank}, repetition {rep + 1})")
                 del loaded  # torch.load's own copy goes before the next tool runs
-            _barrier(world)
+            C.barrier(world)
             if rank == 0:
                 C.remove(out)
                 print(f"  [{cfg['bytes'] / C.GB:g} GB, world {world}, rep {rep + 1}/"

@@ -252,17 +252,6 @@ def versions() -> dict[str, str | None]:
 # ---------------------------------------------------------------- one world
 
 
-def order(names: list[str], rep: int) -> list[str]:
-    k = rep % len(names)
-    rot = names[k:] + names[:k]
-    return rot[::-1] if rep % 2 else rot
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def _worker(rank: int, world: int, port: int, cfg: dict) -> None:
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -290,19 +279,19 @@ def _run(rank: int, world: int, cfg: dict) -> None:
     client = _client(cfg["endpoint"]) if rank == 0 else None
     rec: dict[str, dict[str, list]] = {n: {"save": [], "load": [], "stored": []} for n in table}
     for rep in range(cfg["reps"]):
-        for name in order(list(table), rep):
+        for name in C.order(list(table), rep):
             save, load = table[name]
             prefix = f"{cfg['run']}/w{world}/{name.replace(' ', '_')}/rep{rep}"
             url = f"s3://{cfg['bucket']}/{prefix}"
             C.zero_state(dest)
-            _barrier(world)
+            C.barrier(world)
             t0 = time.perf_counter()
             save(state, url)
-            _barrier(world)
+            C.barrier(world)
             t_save = time.perf_counter() - t0
             t0 = time.perf_counter()
             load(dest, url)
-            _barrier(world)
+            C.barrier(world)
             t_load = time.perf_counter() - t0
             C.assert_equal(dest, state, f"{name} (rank {rank}, repetition {rep + 1})")
             if rank == 0:
@@ -312,7 +301,7 @@ def _run(rank: int, world: int, cfg: dict) -> None:
                 print(f"  [{cfg['bytes'] / C.GB:g} GB, world {world}, rep {rep + 1}/"
                       f"{cfg['reps']}] {name:<22} save {t_save:7.2f}s  load {t_load:7.2f}s",
                       flush=True)
-            _barrier(world)
+            C.barrier(world)
     if rank == 0:
         Path(cfg["result"]).write_text(json.dumps({"label": label, "logical_bytes": logical,
                                                    "raw": rec}))

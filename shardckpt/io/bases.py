@@ -113,7 +113,7 @@ class BaseFiles:
             groups.setdefault(key, []).append(b)
         for (ref, rel), group in groups.items():
             if not ref:
-                f = _own_file(reader, fqn, rel)
+                f = reader.data_file_for(fqn, rel)
                 path, rank = os.path.join(reader.path, rel), reader.manifest.file_rank(rel)
             else:
                 f = self.open_data(ref, rel, fqn)
@@ -151,18 +151,3 @@ def _runs(blocks: list[Block]) -> list[tuple[int, int, list[Block]]]:
                 continue
         runs.append((b.offset, b.stored_len, [b]))
     return runs
-
-
-def _own_file(reader: Any, fqn: str, rel: str) -> Any:
-    path = os.path.join(reader.path, rel)
-    rank = reader.manifest.file_rank(rel)
-    try:
-        return reader.open_file(rel)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(
-            f"{path} (rank {rank}): data file is missing, needed for {fqn!r}; the checkpoint "
-            f"is damaged, load an earlier one.", path=path, rank=rank, tensor=fqn) from None
-    except OSError as e:
-        raise CorruptCheckpointError(
-            f"{path} (rank {rank}): cannot read the data file ({e.strerror}), needed for "
-            f"{fqn!r}.", path=path, rank=rank, tensor=fqn) from None

@@ -204,6 +204,22 @@ class CheckpointReader:
         """A data file of this checkpoint (opened once, kept open): `.size`, `.pread`."""
         return self._ckpt.open_data(rel)
 
+    def data_file_for(self, fqn: str, rel: str) -> Any:
+        """`open_file(rel)`, needed to read `fqn`: a missing or unreadable file is a typed
+        error naming the file, its rank and the tensor."""
+        path = os.path.join(self.path, rel)
+        rank = self.manifest.file_rank(rel)
+        try:
+            return self.open_file(rel)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{path} (rank {rank}): data file is missing, needed for {fqn!r}; the checkpoint "
+                f"is damaged, load an earlier one.", path=path, rank=rank, tensor=fqn) from None
+        except OSError as e:
+            raise CorruptCheckpointError(
+                f"{path} (rank {rank}): cannot read the data file ({e.strerror}), needed for "
+                f"{fqn!r}.", path=path, rank=rank, tensor=fqn) from None
+
     def file_size(self, rel: str) -> int:
         """Size of a data file as it is on disk now (opened, so it stays the one read)."""
         return self._ckpt.open_data(rel).size
@@ -318,16 +334,7 @@ class CheckpointReader:
         out, base, outmv = decode_target(chosen, out)
         path = os.path.join(self.path, item.file)
         rank = self.manifest.file_rank(item.file)
-        try:
-            f = self._ckpt.open_data(item.file)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(
-                f"{path} (rank {rank}): data file is missing, needed for {fqn!r}; the checkpoint "
-                f"is damaged, load an earlier one.", path=path, rank=rank, tensor=fqn) from None
-        except OSError as e:
-            raise CorruptCheckpointError(
-                f"{path} (rank {rank}): cannot read the data file ({e.strerror}), needed for "
-                f"{fqn!r}.", path=path, rank=rank, tensor=fqn) from None
+        f = self.data_file_for(fqn, item.file)
         index_of = {b.offset: i for i, b in enumerate(blocks)}
         for off, length, run in read_pieces(chosen):
             got = self._prefetch.take((item.file, off, length)) if self._prefetch else None
