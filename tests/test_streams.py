@@ -16,7 +16,7 @@ import torch
 import shardckpt
 from shardckpt import codec
 from shardckpt import format as fmt
-from shardckpt.io import data_writer, prefetch, probe, sinks
+from shardckpt.io import data_writer, direct_sink, prefetch, probe, sinks
 from shardckpt.io.data_writer import DataFileWriter
 from shardckpt.io.policy import REPROBE_EVERY, CompressionPolicy
 from shardckpt.io.sinks import LocalSink
@@ -172,16 +172,33 @@ def test_probe_choice_and_cache(tmp_path, monkeypatch):
     assert probe.choose_streams({1: 100.0, 2: 105.0, 4: 250.0}) == 4
     assert probe.choose_streams({1: 100.0, 2: 90.0, 4: 110.0}) == 1
     monkeypatch.delenv("SHARDCKPT_STREAMS", raising=False)
+    monkeypatch.delenv("SHARDCKPT_DIRECT_IO", raising=False)
     probe.forget()
     calls = []
     real = probe.measure_write
     monkeypatch.setattr(probe, "measure_write",
-                        lambda d, n, nbytes=MB: calls.append(n) or real(d, n, MB))
+                        lambda d, n, nbytes=MB, direct=False: calls.append((n, direct))
+                        or real(d, n, MB, direct))
     a = probe.storage_profile(str(tmp_path))
     b = probe.storage_profile(str(tmp_path))
-    # 1 and 2 are always measured, 4 only if 2 beat 1; once per filesystem.
-    assert a == b and calls[:2] == [1, 2] and len(calls) in (2, 3) and a.write_bps > 0
-    assert os.listdir(tmp_path) == []  # the scratch file is gone
+    # 1 and 2 are always measured, 4 only if 2 beat 1, then direct I/O; once per filesystem.
+    buffered = [n for n, d in calls if not d]
+    assert a == b and buffered[:2] == [1, 2] and len(buffered) in (2, 3) and a.write_bps > 0
+    assert [d for _, d in calls] == [False] * len(buffered) + [True]
+    assert os.listdir(tmp_path) == []  # the scratch files are gone
+    # Forced off: never measured, never chosen.
+    probe.forget()
+    calls.clear()
+    monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "0")
+    assert not probe.storage_profile(str(tmp_path)).direct and all(not d for _, d in calls)
+    probe.forget()
+    monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "1")
+    assert probe.storage_profile(str(tmp_path)).direct == direct_sink.supported()
+    monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "yes")
+    probe.forget()
+    with pytest.raises(ValueError, match="SHARDCKPT_DIRECT_IO"):
+        probe.storage_profile(str(tmp_path))
+    monkeypatch.delenv("SHARDCKPT_DIRECT_IO")
     monkeypatch.setenv("SHARDCKPT_STREAMS", "3")
     assert probe.storage_profile(str(tmp_path)).streams == 3
     probe.forget()

@@ -139,8 +139,10 @@ class ShardWriter(StorageWriter):
         path = join(info.staging, rel)
         sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
         index = self._index = dedupe.index_for(info.base, self.path)
+        # borrow: the state (or an async save's staging copy) outlives this call and DCP
+        # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
-                            adaptive=True, base_index=index) as out:
+                            adaptive=True, base_index=index, borrow=True) as out:
             records = out.append_many(payloads())
         stats = out.codec_summary()
         rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,

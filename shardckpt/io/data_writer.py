@@ -113,8 +113,11 @@ class DataFileWriter:
     def __init__(self, target: str | DataSink, rel: str, cfg: codec.CodecConfig,
                  threads: int | None = None, rank: int | None = None, *,
                  adaptive: bool | None = None, storage_bps: float | None = None,
-                 base_index: BaseIndex | None = None) -> None:
-        self.base_index = base_index  # incremental save: blocks the base holds are skipped
+                 base_index: BaseIndex | None = None, borrow: bool = False) -> None:
+        self.base_index = base_index
+        # Raw blocks written as views of the caller's buffers, no copy (dedupe.borrowed_blocks):
+        # only for a caller whose buffers stay unchanged until close() returns.
+        self.borrow = borrow  # incremental save: blocks the base holds are skipped
         self.sink: DataSink = _local_sink(target, rank) if isinstance(target, str) else target
         self.path = self.sink.name
         self.rel = rel
@@ -169,14 +172,14 @@ class DataFileWriter:
         compress = self.cfg.compression == "zstd" and (pol is None or pol.choose())
         cfg = self.cfg if compress else self._raw_cfg
         if pol is None:
-            return encode_item(raw, group, cfg, inner, self.base_index)
+            return encode_item(raw, group, cfg, inner, self.base_index, borrow=self.borrow)
         budget = self.threads or codec.default_threads()
         with self._active_lock:
             self._active += inner
             share = min(1.0, budget / self._active)
         t0 = time.perf_counter()
         try:
-            enc = encode_item(raw, group, cfg, inner, self.base_index)
+            enc = encode_item(raw, group, cfg, inner, self.base_index, borrow=self.borrow)
         finally:
             with self._active_lock:
                 self._active -= inner

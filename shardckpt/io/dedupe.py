@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from .. import codec
 from ..errors import InvalidBaseError
 from ..format import FileEntry, Manifest, StoredItem
-from ..format.blocks import MODE_GROUPED
+from ..format.blocks import MODE_GROUPED, MODE_RAW
 from ..format.refs import Ref, RefBlock, base_name, base_ref, runs_of
 
 log = logging.getLogger("shardckpt")
@@ -155,7 +156,7 @@ def _items(m: Manifest) -> Iterable[StoredItem]:
 class Encoded:
     """One item after the skip decision: the blocks to write, and every block's record."""
 
-    own: list[tuple[bytes, list]]
+    own: list[tuple[Any, list]]  # (stored bytes or a view of the caller's, record)
     records: list[list]
     hashes: list[str]
     refs: list[Ref]
@@ -166,18 +167,43 @@ class Encoded:
                        refs=tuple(self.refs))
 
 
+def borrowed_blocks(raw: memoryview, block_size: int) -> list[tuple[memoryview, list]]:
+    """Raw blocks as views of `raw` with their records: no copy. Only for a caller whose
+    buffer stays alive and unchanged until the data file is closed (ShardWriter: the
+    state being saved, or an async save's staging buffers, held until the save ends)."""
+    mv = memoryview(raw).cast("B")
+    crc32 = getattr(codec, "crc32", None) or zlib.crc32  # TODO(merge crc): codec.crc32
+    out = []
+    for i in range(0, len(mv), block_size):
+        s = mv[i:i + block_size]
+        out.append((s, [len(s), len(s), crc32(s), MODE_RAW]))
+    return out
+
+
+def _encode(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | None,
+            borrow: bool) -> list[tuple[Any, list]]:
+    if borrow and cfg.compression == "none":
+        return borrowed_blocks(raw, cfg.block_size)
+    return codec.encode_buffer(raw, group, cfg, threads)
+
+
 def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | None,
-                index: BaseIndex | None) -> Encoded:
-    """Hash every block; encode only those the base does not hold."""
+                index: BaseIndex | None, *, borrow: bool = False) -> Encoded:
+    """Hash every block; encode only those the base does not hold. With `borrow`, raw
+    blocks are views of `raw` (see borrowed_blocks), not copies."""
     if index is None:
-        own, digests = encode_and_hash(raw, group, cfg, threads)
+        if borrow and cfg.compression == "none":
+            own: list[tuple[Any, list]] = borrowed_blocks(raw, cfg.block_size)
+            digests = block_hashes(raw, cfg.block_size, threads)
+        else:
+            own, digests = encode_and_hash(raw, group, cfg, threads)
         return Encoded(own, [r for _, r in own], [d.hex() for d in digests], [])
     bs = cfg.block_size
     n = len(raw)
     digests = block_hashes(raw, bs, threads)
     hits = [index.lookup(d, min(bs, n - i * bs), group) for i, d in enumerate(digests)]
     records: list[list] = [h.record if h is not None else [] for h in hits]
-    own: list[tuple[bytes, list]] = []
+    own = []
     i = 0
     while i < len(hits):
         if hits[i] is not None:
@@ -188,8 +214,8 @@ def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: in
             j += 1
         # Block boundaries are multiples of block_size, so encoding the span alone
         # yields exactly the blocks a whole-item encode would.
-        for k, (stored, rec) in enumerate(codec.encode_buffer(raw[i * bs:min(n, j * bs)], group,
-                                                              cfg, threads)):
+        for k, (stored, rec) in enumerate(_encode(raw[i * bs:min(n, j * bs)], group, cfg,
+                                                  threads, borrow)):
             records[i + k] = rec
             own.append((stored, rec))
         i = j

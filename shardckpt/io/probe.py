@@ -7,10 +7,17 @@ result is remembered per device (`st_dev`) for the life of the process, so a
 training job pays for it once (~0.1-0.3 s) and no user tunes thread counts.
 SHARDCKPT_STREAMS overrides the count (tests, or a filesystem the probe
 misjudges); the measured rate then is not known and is reported as None.
+
+The probe also writes the same bytes with O_DIRECT (io/direct_sink.py) where the
+filesystem accepts it; direct I/O is chosen when it writes at least `_DIRECT_FLOOR`
+of the best buffered rate, since it leaves the CPU time of the page-cache copy to
+the encoder. SHARDCKPT_DIRECT_IO=0 or 1 overrides that choice.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import secrets
 import threading
@@ -25,6 +32,10 @@ _PIECE = 4 << 20
 # threads that do not help only add contention, and the probe itself is noisy.
 _GAIN = 1.15
 CANDIDATES = (1, 2, 4)
+# Direct I/O is taken when it reaches this fraction of the best buffered rate: it
+# costs ~1/20 of the CPU time per byte (measured), which a CPU-bound save spends encoding.
+_DIRECT_FLOOR = 0.8
+DIRECT_STREAMS = 2
 # Concurrent reads of a load. Reads have no fdatasync to serialize on: one 4 MiB
 # pread in flight while the previous one's bytes are copied out keeps this virtio
 # disk at its cold-read rate; 4 streams measured 1.2-1.9 GB/s against 2.6-3.0 for 1-2.
@@ -36,6 +47,7 @@ class StorageProfile:
     streams: int                # write streams per data file
     write_bps: float | None     # fdatasync'd bytes/s at that count (None: not measured)
     read_streams: int = READ_STREAMS
+    direct: bool = False        # write data files with O_DIRECT (io/direct_sink.py)
 
 
 _profiles: dict[int, StorageProfile] = {}
@@ -52,13 +64,38 @@ def _env_streams() -> int | None:
         raise ValueError(f"SHARDCKPT_STREAMS must be a positive integer, not {env!r}") from None
 
 
-def measure_write(directory: str, streams: int, nbytes: int = PROBE_BYTES) -> float:
+def _env_direct() -> bool | None:
+    env = os.environ.get("SHARDCKPT_DIRECT_IO")
+    if not env:
+        return None
+    if env not in ("0", "1"):
+        raise ValueError(f"SHARDCKPT_DIRECT_IO must be 0 or 1, not {env!r}")
+    return env == "1"
+
+
+def measure_write(directory: str, streams: int, nbytes: int = PROBE_BYTES,
+                  direct: bool = False) -> float:
     """Bytes/s of `nbytes` written by `streams` pwrite threads into one scratch file of
-    `directory` and fdatasync'd by each (the pattern LocalSink uses)."""
-    piece = os.urandom(_PIECE)  # not zeros: some filesystems store zero pages specially
+    `directory` and fdatasync'd by each (the pattern LocalSink uses); with `direct`, the
+    same with O_DIRECT from an aligned buffer (DirectSink's pattern). OSError if the
+    filesystem refuses O_DIRECT."""
+    # Not zeros: some filesystems store zero pages specially. An anonymous mmap is
+    # page-aligned, as O_DIRECT needs.
+    piece = mmap.mmap(-1, _PIECE)
+    piece.write(os.urandom(_PIECE))
     path = os.path.join(directory, f".shardckpt-probe-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    if direct:
+        from .direct_sink import DIRECT_FLAG, supported
+        if not supported():
+            raise OSError(errno.EINVAL, "O_DIRECT is not available", directory)
+        flags |= DIRECT_FLAG
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        if direct and os.path.exists(path):  # created, then refused: not ours to leave
+            os.unlink(path)
+        raise
     try:
         pieces = max(streams, nbytes // _PIECE)
         errors: list[BaseException] = []
@@ -97,8 +134,9 @@ def choose_streams(rates: dict[int, float]) -> int:
 def storage_profile(directory: str) -> StorageProfile:
     """The write profile of `directory`'s filesystem (probed there on first use)."""
     forced = _env_streams()
+    forced_direct = _env_direct()
     if forced is not None:
-        return StorageProfile(streams=forced, write_bps=None)
+        return StorageProfile(streams=forced, write_bps=None, direct=bool(forced_direct))
     dev = os.stat(directory).st_dev
     with _lock:  # concurrent saves of one process probe once, not against each other
         prof = _profiles.get(dev)
@@ -114,7 +152,15 @@ def storage_profile(directory: str) -> StorageProfile:
                 # naming the checkpoint; the probe must not be what reports it.
                 return StorageProfile(streams=1, write_bps=None)
             n = choose_streams(rates)
-            prof = _profiles[dev] = StorageProfile(streams=n, write_bps=rates[n])
+            prof = StorageProfile(streams=n, write_bps=rates[n])
+            if forced_direct is not False:
+                try:
+                    rate = measure_write(directory, DIRECT_STREAMS, direct=True)
+                except OSError:
+                    rate = None  # the filesystem refuses O_DIRECT: buffered it is
+                if rate is not None and (forced_direct or rate >= _DIRECT_FLOOR * rates[n]):
+                    prof = StorageProfile(streams=DIRECT_STREAMS, write_bps=rate, direct=True)
+            _profiles[dev] = prof
         return prof
 
 

@@ -7,6 +7,7 @@ sink; a sink only has to put them somewhere durably. A second storage backend
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
@@ -143,12 +144,22 @@ class LocalSink:
 def open_sink(staging_dir: str, rel: str, *, rank: int | None = None) -> DataSink:
     """The sink for data file `rel` of a save's staging directory: the one place a storage
     backend plugs in. Local files get as many streams as their filesystem rewards
-    (probed once per filesystem, io/probe.py)."""
+    (probed once per filesystem, io/probe.py), written with O_DIRECT where the probe
+    found that it pays (io/direct_sink.py)."""
     from .probe import storage_profile
 
     prof = storage_profile(staging_dir)
-    return LocalSink(os.path.join(staging_dir, rel), streams=prof.streams, rank=rank,
-                     expected_bps=prof.write_bps)
+    path = os.path.join(staging_dir, rel)
+    if prof.direct:
+        from .direct_sink import DirectSink
+        try:
+            return DirectSink(path, streams=prof.streams, rank=rank,
+                              expected_bps=prof.write_bps)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise typed_write_error(e, path, rank) from e
+            # EINVAL: this directory refuses O_DIRECT after all (another mount on the device)
+    return LocalSink(path, streams=prof.streams, rank=rank, expected_bps=prof.write_bps)
 
 
 def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseException:
