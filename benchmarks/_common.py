@@ -279,25 +279,41 @@ def process_cpu_s() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def raw_write_read(root: Path, nbytes: int, streams: int, drop: bool = True) -> dict[str, float]:
+def raw_write_read(root: Path, nbytes: int, streams: int, drop: bool = True,
+                   direct: bool = False) -> dict[str, float] | None:
     """fdatasync'd sequential write, then cold read, of nbytes in `streams` files at once.
 
     The physical limit every tool's figure is read against: os.pwrite/os.preadv
     release the GIL, so threads give real parallel streams. One 64 MiB buffer
-    per stream, refilled per chunk, keeps memory flat at any size.
+    per stream, refilled per chunk, keeps memory flat at any size. With `direct`
+    the writes use O_DIRECT (whole 64 MiB chunks; reads stay buffered); None where
+    the filesystem refuses it.
     """
     import concurrent.futures as cf
+    import mmap
 
     chunk = 64 << 20
     per = -(-nbytes // streams)
+    if direct:
+        per = -(-per // chunk) * chunk  # O_DIRECT: whole aligned chunks
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / f"raw{i}.bin" for i in range(streams)]
-    # Random bytes, not zeros: a thin-provisioned or compressing device must not shortcut them.
-    bufs = [bytearray(torch.randint(0, 256, (chunk,), dtype=torch.uint8).numpy().tobytes())
-            for _ in range(streams)]
+    # Random bytes, not zeros: a thin-provisioned or compressing device must not shortcut
+    # them. Anonymous mmaps: page-aligned, as O_DIRECT needs.
+    bufs = []
+    for _ in range(streams):
+        b = mmap.mmap(-1, chunk)
+        b.write(torch.randint(0, 256, (chunk,), dtype=torch.uint8).numpy().tobytes())
+        bufs.append(b)
+    flag = getattr(os, "O_DIRECT", 0) if direct else 0
+    if direct:
+        try:
+            os.close(os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644))
+        except OSError:
+            return None
 
     def write(i: int) -> None:
-        fd = os.open(paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
         try:
             off = 0
             while off < per:

@@ -9,7 +9,8 @@ torch.save/torch.load, DCP FileSystemWriter/FileSystemReader with thread_count
 1, 2, 4 and 8, DCP + its ZStandard extension, and dcp.async_save (time until
 durable, and the part that blocks the caller). A raw-storage line (fdatasync'd
 sequential write and cold read of the same byte count with 1, 2 and 4 streams
-of pwrite/pread into separate files) gives the physical limit.
+of pwrite/pread into separate files, and an O_DIRECT write with 2 streams: the
+page cache costs CPU that direct I/O does not) gives the physical limit.
 
 Method: each (size, world) runs in freshly spawned processes. With 4 ranks
 (gloo) every rank builds and saves only its own shard: disjoint keys (parameter
@@ -161,7 +162,8 @@ def _run_config(rank: int, world: int, cfg: dict) -> None:
     dest = C.empty_like_state(state)
     logical = int(_sum(C.state_nbytes(state), world))
     table = tools()
-    names = list(table) + ([f"raw x{n}" for n in RAW_STREAMS] if world == 1 else [])
+    names = list(table) + ([f"raw x{n}" for n in RAW_STREAMS] + ["raw direct x2"]
+                           if world == 1 else [])
     rec: dict[str, dict[str, list]] = {n: {"save": [], "load": [], "save_cpu": [], "load_cpu": [],
                                            "disk": [], "blocking": []} for n in names}
     cold = True
@@ -169,9 +171,12 @@ def _run_config(rank: int, world: int, cfg: dict) -> None:
         for name in C.order(names, rep):
             r = rec[name]
             if name.startswith("raw"):
-                streams = int(name.split("x")[1])
+                streams = int(name.rsplit("x", 1)[1])
                 c0 = C.process_cpu_s()
-                raw = C.raw_write_read(root / "raw", logical, streams, drop=cfg["drop"])
+                raw = C.raw_write_read(root / "raw", logical, streams, drop=cfg["drop"],
+                                       direct="direct" in name)
+                if raw is None:  # the filesystem refuses O_DIRECT
+                    continue
                 r["save"].append(raw["write_s"])
                 r["load"].append(raw["read_s"])
                 r["save_cpu"].append(C.process_cpu_s() - c0)
@@ -327,14 +332,15 @@ def plot(summaries: list[dict], path: Path) -> None:
                 xs = [s["logical_bytes"] / C.GB for s in rows]
                 ax.plot(xs, [s["tools"][n][f"{op}_gbps"]["median"] for s in rows], marker="o",
                         label=n)
-            for k in RAW_STREAMS:
-                n = f"raw x{k}"
-                if raw_rows and n in raw_rows[0]["tools"]:
+            raw_names = [f"raw x{k}" for k in RAW_STREAMS] + ["raw direct x2"]
+            for i, n in enumerate(raw_names):
+                if (raw_rows and n in raw_rows[0]["tools"]
+                        and f"{op}_gbps" in raw_rows[0]["tools"][n]):
                     # Horizontal: the disk's speed does not depend on the state's size.
                     v = statistics.median(s["tools"][n][f"{op}_gbps"]["median"] for s in raw_rows)
-                    ax.axhline(v, linestyle="--", color="black",
-                               alpha=0.3 + 0.2 * RAW_STREAMS.index(k),
-                               label=f"raw storage, {k} stream{'s' if k > 1 else ''}: {v:.2f}")
+                    ax.axhline(v, linestyle=":" if "direct" in n else "--", color="black",
+                               alpha=0.3 + 0.2 * min(i, 2),
+                               label=f"{n.replace('raw', 'raw storage')}: {v:.2f}")
             ax.set_title(f"{op}, {'1 process' if world == 1 else f'{world} ranks'}")
             ax.set_xlabel("logical state size (GB)")
             ax.set_ylim(bottom=0)
@@ -378,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 doc = run_config(int(size * C.GB), world, args.reps, Path(tmp.name), drop)
                 if world == 1:
                     logical = doc["logical_bytes"]
-                    raw_best = {op: max(logical / min(doc["raw"][f"raw x{k}"][op]) for k in RAW_STREAMS)
+                    raw_best = {op: max(logical / min(r[op]) for n, r in doc["raw"].items()
+                                        if n.startswith("raw") and r[op])
                                 for op in ("save", "load")}
                 s = summarize(doc, world, raw_best, cores)
                 s["size_gb_requested"] = size

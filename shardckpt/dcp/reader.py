@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
@@ -112,19 +113,35 @@ class ShardReader(StorageReader):
         check_here = not isinstance(planner, SafeLoadPlanner)
         # Every read of the plan is known now: issue them ahead on parallel streams,
         # so reading range k+1 overlaps decoding range k.
-        self.reader.prefetch(self._plan_reads(by_item))
+        self._targets: dict[MetadataIndex, torch.Tensor] = {}
+        dests: dict[Any, memoryview] = {}
+        reads = self._plan_reads(by_item, planner, dests)
+        self.reader.prefetch(reads, dests=dests)
         try:
             self._read_items(by_item, planner, check_here)
         finally:
             self.reader.stop_prefetch()
 
-    def _plan_reads(self, by_item: dict[MetadataIndex, list[ReadItem]]) -> list[Any]:
+    def _plan_reads(self, by_item: dict[MetadataIndex, list[ReadItem]], planner: LoadPlanner,
+                    dests: dict[Any, memoryview]) -> list[Any]:
+        # DCP's own planners resolve a read item to a view of the state, without side
+        # effects: resolved once here, a raw item is read straight into its target.
+        resolvable = type(planner).resolve_tensor is DefaultLoadPlanner.resolve_tensor
         reads: list[Any] = []
         for idx, ris in by_item.items():
             ref = self.storage_data.get(idx)
             if ref is None:
                 break  # reported by _read_items, after the reads before it
             item = ref.item
+            if resolvable and len(ris) == 1 and ris[0].type != LoadItemType.BYTE_IO:
+                target = self._in_place_target(ref, ris[0], planner)
+                into = None if target is None else self.reader.reads_into(
+                    item, target.reshape(-1).view(torch.uint8))
+                if into is not None:
+                    self._targets[idx] = target
+                    dests.update(into)
+                    reads.extend(into)
+                    continue
             if ris[0].type == LoadItemType.BYTE_IO or ref.dtype is None:
                 wanted = item.block_list()
             else:
@@ -165,15 +182,25 @@ class ShardReader(StorageReader):
                 target.copy_(src)
             planner.commit_tensor(ri, target)
 
-    def _read_whole_chunk_in_place(self, ref: ItemRef, ri: ReadItem, planner: LoadPlanner) -> bool:
-        """The common case (same sharding as at save): decode straight into the target."""
+    @staticmethod
+    def _in_place_target(ref: ItemRef, ri: ReadItem, planner: LoadPlanner) -> torch.Tensor | None:
+        """The target of a read that covers its whole chunk and can be decoded into directly."""
         ch = ref.item
         if any(ri.storage_offsets) or tuple(ri.lengths) != tuple(ch.sizes) or not ch.nbytes:
-            return False
+            return None
         target = planner.resolve_tensor(ri).detach()
         if (target.device.type != "cpu" or not target.is_contiguous()
                 or target.dtype != ref.dtype or tuple(target.shape) != tuple(ch.sizes)):
+            return None
+        return target
+
+    def _read_whole_chunk_in_place(self, ref: ItemRef, ri: ReadItem, planner: LoadPlanner) -> bool:
+        """The common case (same sharding as at save): decode straight into the target."""
+        target = self._targets.pop(ri.storage_index, None)
+        if target is None:
+            target = self._in_place_target(ref, ri, planner)
+        if target is None:
             return False
-        self.reader.read_into(ref.fqn, ch, target.reshape(-1).view(torch.uint8))
+        self.reader.read_into(ref.fqn, ref.item, target.reshape(-1).view(torch.uint8))
         planner.commit_tensor(ri, target)
         return True

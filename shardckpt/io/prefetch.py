@@ -7,6 +7,10 @@ bounded number of bytes ahead; the loader takes them in the same order and
 decodes range k while ranges k+1.. are in flight. A range the loader asks for
 that was not prefetched (or whose read failed) is read by the loader itself, so
 its errors are reported exactly as without prefetching.
+
+A range may come with its destination (`dests`): raw blocks whose bytes are the
+tensor's own bytes are read straight into the tensor, with no buffer and no copy;
+the loader then only checks their crc32s in place.
 """
 
 from __future__ import annotations
@@ -65,10 +69,11 @@ def _pool(streams: int) -> ThreadPoolExecutor:
 class _Range:
     """One range being read: its buffer and the futures of its pieces."""
 
-    def __init__(self, f: Any, offset: int, length: int, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, f: Any, offset: int, length: int, pool: ThreadPoolExecutor,
+                 dest: memoryview | None = None) -> None:
         n = max(0, min(length, f.size - offset))  # never past the end: the codec reports that
         # Uninitialized (bytearray(n) would zero every page before the read fills it).
-        self.buf = np.empty(n, dtype=np.uint8)
+        self.buf = np.empty(n, dtype=np.uint8) if dest is None else dest[:n]
         self.futures: list[Future] = []
         view = memoryview(self.buf).cast("B")
         for a in range(0, n, _STREAM_PIECE):
@@ -108,8 +113,11 @@ class Prefetcher:
     """Reads `ranges` ((file, offset, length), in the order they will be taken) ahead."""
 
     def __init__(self, open_file: Callable[[str], Any], ranges: Sequence[Key], streams: int,
-                 ahead: int = READ_AHEAD) -> None:
+                 ahead: int = READ_AHEAD, dests: dict[Key, memoryview] | None = None) -> None:
         self._open = open_file
+        # Ranges read straight into where their bytes belong (never coalesced with others:
+        # their destinations are not adjacent in memory).
+        self._dests = dests or {}
         self._pending: deque[Key] = deque(ranges)
         self._ready: dict[Key, _Range] = {}
         self._bytes = 0
@@ -128,7 +136,9 @@ class Prefetcher:
             # is what an object store charges and waits for.
             group = [key]
             end = key[1] + key[2]
-            while (self._pending and self._pending[0][0] == key[0]
+            dest = self._dests.get(key)
+            while (dest is None and self._pending and self._pending[0][0] == key[0]
+                   and self._pending[0] not in self._dests
                    and self._pending[0][1] == end and self._pending[0] not in self._ready
                    and end - key[1] + self._pending[0][2] <= READ_PIECE):
                 nxt = self._pending.popleft()
@@ -138,7 +148,7 @@ class Prefetcher:
                 f = self._open(key[0])  # opened here, on the loader's thread, never in a worker
             except Exception:  # noqa: BLE001 - the loader's own read reports it
                 continue
-            r = _Range(f, key[1], end - key[1], self._pool)
+            r = _Range(f, key[1], end - key[1], self._pool, dest)
             for k in group:
                 self._ready[k] = _Slice(r, k[1] - key[1], k[2])
             self._bytes += end - key[1]

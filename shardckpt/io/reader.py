@@ -29,7 +29,7 @@ from ..format.keys import KeyMap
 from ..format.names import MANIFEST_NAME, Leftover, parse_leftover
 from .bases import BaseFiles
 from .prefetch import Key, Prefetcher, read_pieces
-from .storage import OpenCheckpoint, storage_for
+from .storage import OpenCheckpoint, is_url, storage_for
 
 
 def find_partials(path: str) -> list[str]:
@@ -159,6 +159,7 @@ class CheckpointReader:
         self.manifest = stored if key_map is None else stored.renamed(key_map)
         self.bytes_read = 0
         self._prefetch: Prefetcher | None = None
+        self._in_place: set[Key] = set()
 
     def close(self) -> None:
         self.stop_prefetch()
@@ -179,9 +180,24 @@ class CheckpointReader:
         chosen = sorted(wanted, key=lambda b: b.raw_start)
         return [(item.file, off, length) for off, length, _ in read_pieces(chosen)]
 
-    def prefetch(self, reads: Sequence[Key], streams: int | None = None) -> None:
+    def reads_into(self, item: StoredItem, out: torch.Tensor) -> dict[Key, memoryview] | None:
+        """The reads of a whole item whose bytes can go straight into `out` (uint8, the whole
+        item): every block stored raw, none in a base, a local file. With each read's
+        destination in `out`; None if the item does not qualify."""
+        if item.refs or not item.nbytes or is_url(self.path):
+            return None
+        blocks = item.block_list()
+        if any(b.record[3] != geo.MODE_RAW for b in blocks):
+            return None
+        _, _, outmv = decode_target(blocks, out)
+        return {(item.file, off, length): outmv[run[0].raw_start:run[-1].raw_start + run[-1].raw_len]
+                for off, length, run in read_pieces(blocks)}
+
+    def prefetch(self, reads: Sequence[Key], streams: int | None = None,
+                 dests: dict[Key, memoryview] | None = None) -> None:
         """Read `reads` ahead on parallel streams, in this order (the order the load will
-        ask for them); anything asked for that was not prefetched is read directly."""
+        ask for them); anything asked for that was not prefetched is read directly.
+        `dests` (from reads_into) are read into place; read_blocks then only checks them."""
         from .probe import READ_STREAMS, _env_streams
 
         self.stop_prefetch()
@@ -189,7 +205,8 @@ class CheckpointReader:
             # An object store answers many requests at once; a disk rewards few.
             n = (streams or _env_streams() or getattr(self._ckpt, "read_streams", None)
                  or READ_STREAMS)
-            self._prefetch = Prefetcher(self._ckpt.open_data, reads, n)
+            self._in_place = set(dests or ())
+            self._prefetch = Prefetcher(self._ckpt.open_data, reads, n, dests=dests)
 
     def stop_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -337,7 +354,14 @@ class CheckpointReader:
         f = self.data_file_for(fqn, item.file)
         index_of = {b.offset: i for i, b in enumerate(blocks)}
         for off, length, run in read_pieces(chosen):
-            got = self._prefetch.take((item.file, off, length)) if self._prefetch else None
+            key = (item.file, off, length)
+            got = self._prefetch.take(key) if self._prefetch else None
+            if got is not None and key in self._in_place:
+                # Raw blocks read into place: only their crc32s are left to check.
+                self.bytes_read += len(got)
+                self._check_in_place(got, run, path=path, rank=rank, tensor=fqn,
+                                     first_index=index_of[run[0].offset])
+                continue
             # Never ask for more than the file holds: a short read is reported as
             # truncation of the block that runs past the end, by the codec.
             data = got if got is not None else f.pread(max(0, min(length, f.size - off)), off)
@@ -351,3 +375,14 @@ class CheckpointReader:
                 outmv[first.raw_start - base: raw_end - base], self.threads, self.verify,
                 path=path, rank=rank, tensor=fqn, first_index=index_of[first.offset])
         return out, base
+
+    def _check_in_place(self, got: memoryview, run: list[Block], *, path: str,
+                        rank: int | None, tensor: str, first_index: int) -> None:
+        pos = 0
+        for i, b in enumerate(run):
+            data = got[pos:pos + b.stored_len]
+            # A short read (file truncated) is always reported; crc32s only with verify.
+            if len(data) < b.stored_len or self.verify:
+                codec.check_block(data, b.record, path=path, rank=rank, tensor=tensor,
+                                  index=first_index + i)
+            pos += b.stored_len
