@@ -1,13 +1,12 @@
 #include "codec.h"
 
-#include <zlib.h>
-
 #include <algorithm>
 #include <climits>
 #include <cstring>
 #include <vector>
 
 #include "block_hash.h"
+#include "crc32_fast.h"
 #include "huf_frame.h"
 #include "planes.h"
 #include "third_party/zstd/zstd.h"
@@ -180,10 +179,7 @@ size_t encode_plane(Workspace& ws, const uint8_t* src, size_t n, int level, size
 
 }  // namespace
 
-uint32_t crc32(const uint8_t* data, size_t n) {
-  // crc32_z takes a size_t length, so no 4 GiB chunking is needed.
-  return static_cast<uint32_t>(::crc32_z(0L, data, n));
-}
+uint32_t crc32(const uint8_t* data, size_t n) { return crc32_update(0, data, n); }
 
 BlockRecord encode_block(const uint8_t* raw, size_t n, int group, bool compress, int level,
                          size_t sample_size, uint8_t* dst, Strategy strategy, uint8_t* hash) {

@@ -45,6 +45,7 @@ enum class Strategy {
   kHuffman = 2,  // Huffman-only frames for every plane of 2 * sample_size or more (tests)
 };
 
+// zlib.crc32(data[0, n)), by crc32_fast.h.
 uint32_t crc32(const uint8_t* data, size_t n);
 
 // Encodes raw[0, n) into dst, which must hold at least n bytes: every stored

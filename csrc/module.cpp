@@ -13,6 +13,7 @@
 
 #include "block_hash.h"
 #include "codec.h"
+#include "crc32_fast.h"
 #include "records.h"
 #include "thread_pool.h"
 
@@ -403,6 +404,32 @@ PyObject* py_decode_blocks(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// crc32(buffer, value=0, impl=None): zlib.crc32's arguments and result;
+// `impl` ("zlib", "pclmul", "vpclmul") is for tests, an unavailable one runs zlib.
+PyObject* py_crc32(PyObject*, PyObject* args) {
+  PyObject *obj, *value = nullptr;
+  const char* impl_name = nullptr;
+  if (!PyArg_ParseTuple(args, "O|Oz:crc32", &obj, &value, &impl_name)) return nullptr;
+  // Masked like zlib.crc32's value, so any int is accepted.
+  unsigned long crc = value == nullptr ? 0 : PyLong_AsUnsignedLongMask(value);
+  if (crc == static_cast<unsigned long>(-1) && PyErr_Occurred()) return nullptr;
+  shardckpt::Crc32Impl impl = shardckpt::crc32_best_impl();
+  if (impl_name != nullptr && !shardckpt::crc32_impl_from_name(impl_name, &impl))
+    return PyErr_Format(PyExc_ValueError, "unknown crc32 impl %s", impl_name);
+  Buffer buf;
+  if (!get_buffer(obj, &buf, false)) return nullptr;
+  uint32_t r = static_cast<uint32_t>(crc);
+  // Below 64 KiB, dropping and taking back the GIL costs more than it frees.
+  PyThreadState* ts = buf.size() >= (64u << 10) ? PyEval_SaveThread() : nullptr;
+  r = shardckpt::crc32_update_with(impl, r, buf.data(), buf.size());
+  if (ts != nullptr) PyEval_RestoreThread(ts);
+  return PyLong_FromUnsignedLong(r);
+}
+
+PyObject* py_crc32_impl(PyObject*, PyObject*) {
+  return PyUnicode_FromString(shardckpt::crc32_impl_name(shardckpt::crc32_best_impl()));
+}
+
 PyObject* py_version(PyObject*, PyObject*) { return PyUnicode_FromString(kVersion); }
 
 PyObject* py_zstd_version(PyObject*, PyObject*) {
@@ -424,6 +451,9 @@ PyMethodDef kMethods[] = {
     {"decode_blocks", py_decode_blocks, METH_VARARGS,
      "decode_blocks(stored, records, out, threads, verify_crc) -> None; blocks lie back to back"
      " in stored and in out; raises ValueError with .block_index and .reason"},
+    {"crc32", py_crc32, METH_VARARGS,
+     "crc32(buffer, value=0) -> int; zlib.crc32 by carry-less multiply where the CPU has it"},
+    {"crc32_impl", py_crc32_impl, METH_NOARGS, "the crc32 implementation this CPU runs"},
     {"version", py_version, METH_NOARGS, "version of the extension"},
     {"zstd_version", py_zstd_version, METH_NOARGS, "version of the bundled zstd"},
     {nullptr, nullptr, 0, nullptr},

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .. import codec
 from ..errors import BaseCheckpointError, CorruptCheckpointError, ReferencedCheckpointError
 from ..format import FileEntry, Manifest, StoredItem
 from ..format.refs import RefBlock
@@ -83,7 +83,7 @@ def _block_bytes(reader: CheckpointReader, fqn: str, item: StoredItem, i: int, b
         f = reader.open_file(item.file)
         where = os.path.join(reader.path, item.file)
     data = f.pread(b.stored_len, b.offset)
-    if len(data) != b.stored_len or zlib.crc32(data) != b.crc:
+    if len(data) != b.stored_len or codec.crc32(data) != b.crc:
         what = "truncated" if len(data) != b.stored_len else "checksum mismatch"
         msg = f"{reader.path}: block {i} of {fqn!r} in {where}: {what}; nothing was written."
         if isinstance(b, RefBlock):
@@ -146,7 +146,7 @@ def _copy(reader: CheckpointReader, m: Manifest, staging: str, report: Materiali
                 for j, b in enumerate(item.block_list()):
                     data = _block_bytes(reader, k, item, j, b)
                     f.write(data)
-                    crc = zlib.crc32(data, crc)
+                    crc = codec.crc32(data, crc)
                     size += len(data)
                     if isinstance(b, RefBlock):
                         report.bytes_copied += len(data)

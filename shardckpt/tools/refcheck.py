@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 from typing import Any
 
 from .. import codec
@@ -42,7 +41,7 @@ def check_references(reader: CheckpointReader, deep: bool, problem: Any,
             if len(data) != b.stored_len:
                 problems.append(problem(rel, rank, fqn, i, f"block is truncated {where}"))
                 continue
-            if zlib.crc32(data) != b.crc:
+            if codec.crc32(data) != b.crc:
                 problems.append(problem(rel, rank, fqn, i, f"checksum mismatch {where}"))
                 continue
             if deep:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -108,16 +107,16 @@ def _check_file(reader: CheckpointReader, rel: str, items: list[tuple[str, Store
     for off, i, fqn, b in blocks:
         if off > pos:  # gaps never occur in files shardckpt writes; hash them anyway
             gap = _read(f, pos, off - pos)
-            crc = zlib.crc32(gap, crc)
+            crc = codec.crc32(gap, crc)
             pos += len(gap)
         data = _read(f, off, b.stored_len)
         pos = off + len(data)
-        crc = zlib.crc32(data, crc)
+        crc = codec.crc32(data, crc)
         nblocks += 1
         if len(data) != b.stored_len:
             problems.append(Problem(rel, rank, fqn, i, "block is truncated"))
             continue
-        if zlib.crc32(data) != b.crc:
+        if codec.crc32(data) != b.crc:
             problems.append(Problem(rel, rank, fqn, i, "checksum mismatch"))
             continue
         if deep:
@@ -127,7 +126,7 @@ def _check_file(reader: CheckpointReader, rel: str, items: list[tuple[str, Store
             except Exception as e:  # any decode failure is damage to report
                 problems.append(Problem(rel, rank, fqn, i, f"does not decode: {e}"))
     if pos < f.size:
-        crc = zlib.crc32(_read(f, pos, f.size - pos), crc)
+        crc = codec.crc32(_read(f, pos, f.size - pos), crc)
     if not problems and crc != info.crc32:
         problems.append(Problem(rel, rank, None, None, "file checksum mismatch"))
     return problems, nblocks, size
