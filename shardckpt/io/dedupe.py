@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -172,11 +171,10 @@ def borrowed_blocks(raw: memoryview, block_size: int) -> list[tuple[memoryview, 
     buffer stays alive and unchanged until the data file is closed (ShardWriter: the
     state being saved, or an async save's staging buffers, held until the save ends)."""
     mv = memoryview(raw).cast("B")
-    crc32 = getattr(codec, "crc32", None) or zlib.crc32  # TODO(merge crc): codec.crc32
     out = []
     for i in range(0, len(mv), block_size):
         s = mv[i:i + block_size]
-        out.append((s, [len(s), len(s), crc32(s), MODE_RAW]))
+        out.append((s, [len(s), len(s), codec.crc32(s), MODE_RAW]))
     return out
 
 
