@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from .. import codec
-from ..errors import SaveFailedError
+from ..errors import InvalidBaseError, SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
 from ..io import dedupe
 from ..io.data_writer import DataFileWriter, tensor_bytes
@@ -63,6 +63,13 @@ class ShardWriter(StorageWriter):
                  base: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.base = None if base is None else os.fspath(base)
+        if self.base is not None and (is_url(self.base) or (path is not None
+                                                            and is_url(os.fspath(path)))):
+            # Every rank raises this before any collective of the save.
+            raise InvalidBaseError(
+                f"{os.fspath(path) if path is not None else '?'}: base={self.base}: incremental "
+                f"checkpoints need a local or shared filesystem; on an object store save "
+                f"without base= (a full checkpoint).")
         self._base_used: str | None = None
         self.path = os.fspath(path) if path is not None else None
         self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
