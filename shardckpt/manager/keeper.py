@@ -27,9 +27,9 @@ from ..errors import (
 )
 from ..format import DirState
 from ..format.names import Leftover, trash_name
-from ..io.commit import staging_abandoned
+from ..io.commit import read_committed, staging_abandoned
 from ..io.fsutil import remove_dir
-from ..io.reader import CheckpointReader, find_partials, read_manifest
+from ..io.reader import CheckpointReader, find_partials
 from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
 from . import refcount
@@ -110,7 +110,7 @@ class RootKeeper:
                 return None, 0
             prev = infos[-1].name
         try:
-            m = read_manifest(self._path(prev))
+            m = read_committed(self._path(prev))
         except FALLBACK_ERRORS:
             return None, 0
         chain = m.user_metadata.get("manager", {}).get("chain") if m.bases else 0
