@@ -114,3 +114,46 @@ def test_manager_base_replaced_on_disk_between_saves(tmp_path):
     assert set(m.bases) <= {"../step_00000001", "../step_00000002"}
     # what the new step 2 holds is referenced where it lies: in step 2 itself
     assert "../step_00000002" in m.bases
+
+
+def _changing(step: int) -> dict:
+    """Everything trained: no block is the same from one step to the next."""
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(4096, generator=g), "v": torch.randn(2048, generator=g)}
+
+
+def test_manager_stops_paying_for_incremental_saves_that_reference_nothing(tmp_path):
+    root = str(tmp_path / "root")
+    mgr = shardckpt.CheckpointManager(root, keep_last=None, incremental=True, full_every=8,
+                                      preemption_signals=(), save_options={"block_size": BS})
+    with_base = {}
+    for step in range(1, 15):
+        mgr.save(step, _changing(min(step, 10)))  # from step 11 on, everything frozen
+        m = read_manifest(os.path.join(root, f"step_{step:08d}"))
+        with_base[step] = "chain" in m.user_metadata["manager"]
+    # 1 full; 2 probes (nothing matches); then 1, 2, 4 full saves between the probes
+    assert [s for s in range(1, 11) if with_base[s]] == [2, 4, 7]
+    # the probe after the gap finds the frozen state and incremental saves resume
+    probe = next(s for s in range(11, 15) if with_base[s])
+    assert all(with_base[s] for s in range(probe, 15))
+    for i in shardckpt.list_checkpoints(root):
+        got = {k: torch.zeros_like(v) for k, v in _changing(1).items()}
+        shardckpt.load(got, i.path)
+        want = _changing(min(i.step, 10))
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+class _Unsafe:
+    pass
+
+
+def test_objects_checked_once_by_their_bytes_and_others_still_refused(tmp_path):
+    from shardckpt.dcp import planner
+
+    groups = {"lr": 1e-3, "betas": (0.9, 0.999)}
+    shardckpt.save({"t": torch.ones(4), "g": groups}, str(tmp_path / "a"))
+    assert any(len(k) < 4096 for k in planner._LOADS_BACK)
+    shardckpt.save({"t": torch.ones(4), "g": groups}, str(tmp_path / "b"))  # cached: fine
+    with pytest.raises(shardckpt.errors.UnsafeObjectError):
+        shardckpt.save({"t": torch.ones(4), "g": _Unsafe()}, str(tmp_path / "c"))
+    assert not os.path.exists(tmp_path / "c")

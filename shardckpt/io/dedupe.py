@@ -106,7 +106,7 @@ class BaseIndex:
         self.holders.pop(self.target_ref, None)
         self._by_hash: dict[tuple[bytes, int, int], Hit] = {}
         own = base_ref(os.path.basename(self.base))
-        for item in _items(self.manifest):
+        for item in manifest_items(self.manifest):
             if not item.hashes:
                 continue  # written before format 3: nothing to match it by
             for b, h in zip(item.block_list(), item.hashes):
@@ -154,7 +154,7 @@ class BaseIndex:
     def bases_for(self, manifest: Manifest) -> dict[str, dict[str, FileEntry]]:
         """The `bases` table of a manifest whose items reference this index's holders."""
         used: dict[str, set[str]] = {}
-        for item in _items(manifest):
+        for item in manifest_items(manifest):
             for r in item.refs:
                 used.setdefault(r.base, set()).add(r.file)
         return {b: {rel: self.holders[b][rel] for rel in sorted(rels)}
@@ -178,7 +178,7 @@ _INDEX_LOCK = threading.Lock()
 _INDEXES: list[tuple[tuple[str, str], Manifest, BaseIndex]] = []
 
 
-def _items(m: Manifest) -> Iterable[StoredItem]:
+def manifest_items(m: Manifest) -> Iterable[StoredItem]:
     for t in m.tensors.values():
         yield from t.chunks
     yield from m.objects.values()
