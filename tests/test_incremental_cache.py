@@ -1,5 +1,5 @@
 """The caches of incremental saves are never stale: the manifests this process committed
-(io/commit.read_committed) and the base index (io/dedupe.BaseIndex.open)."""
+(io/committed.read_committed) and the base index (io/dedupe.BaseIndex.open)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import shardckpt
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format import MANIFEST_NAME
-from shardckpt.io import commit, dedupe
+from shardckpt.io import committed, dedupe
 from shardckpt.io.reader import read_manifest
 from tests.workers import incremental as W
 
@@ -43,8 +43,8 @@ def _swap_in(path: str, other: str) -> None:
 def test_read_committed_returns_what_was_committed_and_nothing_stale(tmp_path):
     p = str(tmp_path / "ck")
     shardckpt.save(_state(1, 2), p, block_size=BS)
-    m = commit.read_committed(p)
-    assert m is commit._RECENT[os.path.abspath(p)][1]
+    m = committed.read_committed(p)
+    assert m is committed._RECENT[os.path.abspath(p)][1]
     assert m == read_manifest(p)  # the object the parser would have built
     # damaged in place, same length: read afresh, so the damage is reported
     mp = os.path.join(p, MANIFEST_NAME)
@@ -54,17 +54,17 @@ def test_read_committed_returns_what_was_committed_and_nothing_stale(tmp_path):
     with open(mp, "r+b") as f:
         f.write(data)
     with pytest.raises(CorruptCheckpointError):
-        commit.read_committed(p)
+        committed.read_committed(p)
     # replaced by another checkpoint: that one is read
     q = str(tmp_path / "other")
     shardckpt.save(_state(3, 4), q, block_size=BS)
     _swap_in(p, q)
-    assert commit.read_committed(p) == read_manifest(p)
-    assert commit.read_committed(p).tensors["a"].chunks[0].hashes != m.tensors["a"].chunks[0].hashes
+    assert committed.read_committed(p) == read_manifest(p)
+    assert committed.read_committed(p).tensors["a"].chunks[0].hashes != m.tensors["a"].chunks[0].hashes
     # gone (retired, deleted): the reader's typed error, not the remembered manifest
     os.rename(mp, os.path.join(p, "manifest.retired.json"))
     with pytest.raises(shardckpt.ShardckptError):
-        commit.read_committed(p)
+        committed.read_committed(p)
 
 
 def test_base_index_is_reused_only_for_the_same_base_manifest(tmp_path):

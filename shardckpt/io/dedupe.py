@@ -93,7 +93,7 @@ class BaseIndex:
 
     def __init__(self, base: str | os.PathLike, target: str | os.PathLike,
                  manifest: Manifest | None = None) -> None:
-        from .commit import read_committed
+        from .committed import read_committed
 
         self.base, target = _sibling_pair(base, target)
         self.target_ref = base_ref(os.path.basename(target))
@@ -123,7 +123,7 @@ class BaseIndex:
         is the same object: `read_committed` returns the same one for the same file
         (identity of the file this process wrote, or the parse cache's digest of its
         bytes), so a base rewritten on disk is indexed afresh."""
-        from .commit import read_committed
+        from .committed import read_committed
 
         key = _sibling_pair(base, target)
         manifest = read_committed(key[0])

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import CorruptCheckpointError, ShardckptError
 from ..format import DirState, Manifest
 from ..format.names import MANIFEST_NAME, trash_name
-from ..io.commit import read_committed
+from ..io.committed import read_committed
 from ..io.fsutil import remove_dir
 from ..io.reader import CheckpointReader
 from ..io.storage import is_url, join, norm_path, storage_for

@@ -28,7 +28,8 @@ from ..errors import (
 )
 from ..format import DirState, Manifest
 from ..format.names import Leftover, trash_name
-from ..io.commit import read_committed, staging_abandoned
+from ..io.commit import staging_abandoned
+from ..io.committed import read_committed
 from ..io.dedupe import manifest_items
 from ..io.fsutil import fsync_dir, remove_dir
 from ..io.reader import CheckpointReader, find_partials

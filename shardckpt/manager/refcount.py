@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import ShardckptError
 from ..format import DirState
 from ..format.names import MANIFEST_NAME
-from ..io.commit import read_committed
+from ..io.committed import read_committed
 from ..io.dedupe import holder_names
 from ..io.fsutil import fsync_dir
 from ..io.storage import storage_for
