@@ -10,7 +10,11 @@ loads it) trained two ways, one step between saves, with the CheckpointManager:
   should write <= 5 % of a full save's bytes and take <= 20 % of its time;
 * full: every parameter trained with AdamW (everything changes each step): an
   incremental save should cost <= 1.05x a full save (the hashing and the base
-  index are all it adds).
+  index are all it adds; the manager saves in full while incremental saves
+  reference ~nothing, probing again now and then: the `base` column).
+
+`--only lora` and fewer `--saves` make a quick run; medians of two runs or more
+are what to compare on a shared machine.
 
 Each scenario runs two managers side by side on the same state after every
 training step, one `incremental=True` and one full, alternating which saves
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info  # noqa: E402
 
 import shardckpt  # noqa: E402
+from shardckpt.io.reader import read_manifest  # noqa: E402
 
 TARGETS = {"lora_bytes_ratio_max": 0.05, "lora_time_ratio_max": 0.20,
            "full_time_ratio_max": 1.05}
@@ -87,6 +92,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
     opt.step()
 
 
+def r_inc_path(roots: dict, step: int) -> str:
+    return os.path.join(roots["incremental"], f"step_{step:08d}")
+
+
 def run(kind: str, saves: int, directory: str) -> dict:
     model, opt = build(kind)
     roots = {m: tempfile.mkdtemp(prefix=f"inc-{kind}-{m}-", dir=directory)
@@ -105,6 +114,10 @@ def run(kind: str, saves: int, directory: str) -> dict:
             r = mgrs[m].save(step, state)
             row[f"{m}_s"] = time.perf_counter() - t0
             row[f"{m}_bytes"] = r.bytes_written
+        # whether the incremental manager saved against a base (it saves in full every
+        # full_every saves, and while incremental saves reference ~nothing)
+        row["with_base"] = "chain" in read_manifest(r_inc_path(roots, step)).user_metadata.get(
+            "manager", {})
         rows.append(row)
     for m in mgrs.values():
         m.close()
@@ -129,12 +142,13 @@ def run(kind: str, saves: int, directory: str) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['kind']}: save  incremental (s, MB)      full (s, MB)     bytes  time"]
+    lines = [f"{res['kind']}: save  incremental (s, MB)      full (s, MB)     bytes  time  base"]
     for r in res["saves"]:
         lines.append(f"  {r['step']:>9}  {r['incremental_s']:7.3f} {r['incremental_bytes'] / 1e6:9.2f}"
                      f"   {r['full_s']:7.3f} {r['full_bytes'] / 1e6:9.2f}"
                      f"   {r['incremental_bytes'] / r['full_bytes']:6.1%}"
-                     f" {r['incremental_s'] / r['full_s']:6.1%}")
+                     f" {r['incremental_s'] / r['full_s']:6.1%}"
+                     f"  {'yes' if r.get('with_base') else 'no'}")
     lines.append(f"  saves 2..{len(res['saves'])}: median time ratio {res['time_ratio']:.3f}, "
                  f"bytes ratio max {res['max_bytes_ratio']:.2%} "
                  f"(median {res['median_bytes_ratio']:.2%})")

@@ -240,10 +240,10 @@ def test_enospc_injected_mid_save(tmp_path, monkeypatch, where):
     else:
         real = commit.write_file_durable
 
-        def wfd(path: str, data: bytes) -> None:
+        def wfd(path: str, data: bytes, **kw: object) -> None:
             if path.endswith(fmt.MANIFEST_NAME):
                 raise OSError(errno.ENOSPC, "No space left on device", path)
-            real(path, data)
+            real(path, data, **kw)
 
         monkeypatch.setattr(commit, "write_file_durable", wfd)
     with pytest.raises(shardckpt.InsufficientSpaceError, match=r"(?s)disk full.*step 2.*intact"):

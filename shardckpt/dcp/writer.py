@@ -172,7 +172,7 @@ class ShardWriter(StorageWriter):
             metadata, results, expected, final=final, codec=self._codec_json(results),
             user_metadata=self.user_metadata, versions=runtime_versions())
         if self._base_used is not None:
-            index = getattr(self, "_index", None) or dedupe.BaseIndex(self._base_used, final)
+            index = getattr(self, "_index", None) or dedupe.BaseIndex.open(self._base_used, final)
             manifest = dataclasses.replace(manifest, bases=index.bases_for(manifest))
         staging = self._commit.staging
         for rel, fi in manifest.files.items():

@@ -43,6 +43,7 @@ from ..format.names import (
     temp_name,
     trash_name,
 )
+from .committed import remember_committed
 from .foreign import carry_into, check_target
 from .fsutil import (
     HOST,
@@ -52,6 +53,7 @@ from .fsutil import (
     remove_dir,
     rename_noreplace,
     typed_os_error,
+    write_file_atomic,
     write_file_durable,
 )
 from .storage import storage_for
@@ -160,15 +162,18 @@ class Commit:
         _remove_dead_partials(parent, name)
         staging = os.path.join(parent, staging_name(name, _token()))
         # Built under a temp name and renamed: a staging directory never exists
-        # without its marker, so gc never has to guess about a half-made one.
+        # without its marker, so gc never has to guess about a half-made one. Nothing
+        # here is fsynced: the staging directory only has to outlive its writer's
+        # process, never the machine (a power loss kills the writer too, and gc's rules
+        # for a dead writer's leftovers hold with or without the marker), and finalize
+        # makes durable everything a committed checkpoint needs before it publishes.
         init = os.path.join(parent, temp_name(INIT_NAME, os.getpid(), uuid.uuid4().hex[:6]))
         try:
             os.makedirs(os.path.join(init, DATA_DIR))
             marker = {"target": name, "save_id": save_id, "world_size": world_size,
                       "started_unix": time.time(), "host": HOST, "pid": os.getpid()}
-            write_file_durable(os.path.join(init, PARTIAL_MARKER), json.dumps(marker).encode())
+            write_file_atomic(os.path.join(init, PARTIAL_MARKER), json.dumps(marker).encode())
             os.rename(init, staging)
-            fsync_dir(parent)
         except BaseException as e:
             shutil.rmtree(init, ignore_errors=True)
             shutil.rmtree(staging, ignore_errors=True)
@@ -201,7 +206,9 @@ class Commit:
                 f"Retry the save.")
         try:
             data = manifest.to_bytes()
-            write_file_durable(os.path.join(staging, MANIFEST_NAME), data)
+            # One fsync per directory: data/ for the rank files' entries (each rank
+            # fsynced its own file), then the staging dir for manifest.json and data/.
+            write_file_durable(os.path.join(staging, MANIFEST_NAME), data, sync_dir=False)
             self.manifest_bytes = len(data)
             fsync_dir(os.path.join(staging, DATA_DIR))
             fsync_dir(staging)
@@ -218,11 +225,12 @@ class Commit:
             raise
         except OSError as e:
             raise typed_commit_error(e, final, "publishing it") from e
+        remember_committed(final, manifest, data)
         # The marker only says "uncommitted" to readers that find no manifest; it
-        # goes now that the manifest is there (a crash first leaves it harmless).
+        # goes now that the manifest is there. Not fsynced: a crash that brings it
+        # back leaves it as harmless as a crash before the unlink.
         try:
             os.unlink(os.path.join(final, PARTIAL_MARKER))
-            fsync_dir(final)
         except OSError:
             pass
 

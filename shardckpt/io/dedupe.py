@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -89,20 +90,13 @@ def _layout(rec: list) -> int:
 class BaseIndex:
     """The blocks of a base checkpoint by content, for a save to `target` (a sibling)."""
 
-    def __init__(self, base: str | os.PathLike, target: str | os.PathLike) -> None:
-        from .reader import read_manifest
+    def __init__(self, base: str | os.PathLike, target: str | os.PathLike,
+                 manifest: Manifest | None = None) -> None:
+        from .committed import read_committed
 
-        self.base = os.path.abspath(os.fspath(base))
-        target = os.path.abspath(os.fspath(target))
-        if os.path.dirname(self.base) != os.path.dirname(target):
-            raise InvalidBaseError(
-                f"{target}: base {self.base} is not in the same directory; an incremental "
-                f"checkpoint references only siblings (save both under one root).")
-        if self.base == target:
-            raise InvalidBaseError(f"{target}: a checkpoint cannot be its own base; pass the "
-                                   f"previous checkpoint as base=.")
+        self.base, target = _sibling_pair(base, target)
         self.target_ref = base_ref(os.path.basename(target))
-        self.manifest: Manifest = read_manifest(self.base)
+        self.manifest: Manifest = read_committed(self.base) if manifest is None else manifest
         self.holders: dict[str, dict[str, FileEntry]] = {
             base_ref(os.path.basename(self.base)): dict(self.manifest.files)}
         for ref, files in self.manifest.bases.items():
@@ -111,7 +105,7 @@ class BaseIndex:
         self.holders.pop(self.target_ref, None)
         self._by_hash: dict[tuple[bytes, int, int], Hit] = {}
         own = base_ref(os.path.basename(self.base))
-        for item in _items(self.manifest):
+        for item in manifest_items(self.manifest):
             if not item.hashes:
                 continue  # written before format 3: nothing to match it by
             for b, h in zip(item.block_list(), item.hashes):
@@ -120,6 +114,27 @@ class BaseIndex:
                     continue
                 key = (bytes.fromhex(h), b.raw_len, _layout(b.record))
                 self._by_hash.setdefault(key, Hit(holder, rel, b.offset, b.record))
+
+    @classmethod
+    def open(cls, base: str | os.PathLike, target: str | os.PathLike) -> BaseIndex:
+        """The index of `base` for a save to `target`, built once for both the coordinator's
+        structure check and its own rank's writer. Reused only while the base's manifest
+        is the same object: `read_committed` returns the same one for the same file
+        (identity of the file this process wrote, or the parse cache's digest of its
+        bytes), so a base rewritten on disk is indexed afresh."""
+        from .committed import read_committed
+
+        key = _sibling_pair(base, target)
+        manifest = read_committed(key[0])
+        with _INDEX_LOCK:
+            for k, m, index in _INDEXES:
+                if k == key and m is manifest:
+                    return index
+        index = cls(base, target, manifest)
+        with _INDEX_LOCK:
+            _INDEXES.insert(0, (key, manifest, index))
+            del _INDEXES[2:]  # the save in flight and, at most, a background one
+        return index
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -138,14 +153,31 @@ class BaseIndex:
     def bases_for(self, manifest: Manifest) -> dict[str, dict[str, FileEntry]]:
         """The `bases` table of a manifest whose items reference this index's holders."""
         used: dict[str, set[str]] = {}
-        for item in _items(manifest):
+        for item in manifest_items(manifest):
             for r in item.refs:
                 used.setdefault(r.base, set()).add(r.file)
         return {b: {rel: self.holders[b][rel] for rel in sorted(rels)}
                 for b, rels in sorted(used.items())}
 
 
-def _items(m: Manifest) -> Iterable[StoredItem]:
+def _sibling_pair(base: str | os.PathLike, target: str | os.PathLike) -> tuple[str, str]:
+    """(base, target) as absolute paths, or InvalidBaseError before anything is read."""
+    base, target = os.path.abspath(os.fspath(base)), os.path.abspath(os.fspath(target))
+    if os.path.dirname(base) != os.path.dirname(target):
+        raise InvalidBaseError(
+            f"{target}: base {base} is not in the same directory; an incremental "
+            f"checkpoint references only siblings (save both under one root).")
+    if base == target:
+        raise InvalidBaseError(f"{target}: a checkpoint cannot be its own base; pass the "
+                               f"previous checkpoint as base=.")
+    return base, target
+
+
+_INDEX_LOCK = threading.Lock()
+_INDEXES: list[tuple[tuple[str, str], Manifest, BaseIndex]] = []
+
+
+def manifest_items(m: Manifest) -> Iterable[StoredItem]:
     for t in m.tensors.values():
         yield from t.chunks
     yield from m.objects.values()
@@ -222,7 +254,7 @@ def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: in
 
 
 def index_for(base: str | os.PathLike | None, target: str) -> BaseIndex | None:
-    return None if base is None else BaseIndex(base, target)
+    return None if base is None else BaseIndex.open(base, target)
 
 
 def plan_structure(plans: Iterable[Any]) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
@@ -251,7 +283,7 @@ def choose_base(base: str | os.PathLike | None, target: str, plans: list[Any]) -
     asked for, or the state's structure differs from the base's)."""
     if base is None:
         return None
-    index = BaseIndex(base, target)
+    index = BaseIndex.open(base, target)
     tensors, objects = plan_structure(plans)
     if not index.same_structure(tensors, objects):
         log.info("shardckpt: %s: the state's keys, shapes or dtypes differ from base %s; "

@@ -35,8 +35,25 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def write_file_durable(path: str, data: bytes) -> None:
-    """Write via a temporary name, fsync, then rename: readers never see half a file."""
+def write_file_durable(path: str, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write via a temporary name, fsync, then rename: readers never see half a file.
+
+    `sync_dir=False` leaves the fsync of the directory to a caller that makes several
+    entries of it durable with one (the commit: the manifest, then the staging dir)."""
+    _write_via_temp(path, data, durable=True)
+    if sync_dir:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Temporary name, then rename, no fsync: whole or absent for every process on the
+    host, but not kept across a crash of the machine. For files that only matter while
+    their writer lives (a reader lease, a save's PARTIAL marker): a power loss kills the
+    writer too, and the rules that judge a dead writer's leftovers do not need them."""
+    _write_via_temp(path, data, durable=False)
+
+
+def _write_via_temp(path: str, data: bytes, *, durable: bool) -> None:
     # Hidden, and named for its writer: a kill before the rename leaves a file that
     # no listing mistakes for a checkpoint and that `gc` recognises.
     from ..format.names import temp_name
@@ -46,14 +63,14 @@ def write_file_durable(path: str, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def dir_size(path: str) -> int:

@@ -16,8 +16,9 @@ from typing import Any
 from ..errors import CorruptCheckpointError, ShardckptError
 from ..format import DirState, Manifest
 from ..format.names import MANIFEST_NAME, trash_name
+from ..io.committed import read_committed
 from ..io.fsutil import remove_dir
-from ..io.reader import CheckpointReader, read_manifest
+from ..io.reader import CheckpointReader
 from ..io.storage import is_url, join, norm_path, storage_for
 from .names import LATEST_POINTER, parse_step
 from .pointers import Pointers
@@ -113,7 +114,7 @@ def list_checkpoints(root: str | os.PathLike, *,
         metrics: dict[str, Any] = {}
         size = 0
         try:
-            m = read_manifest(path)
+            m = read_committed(path)
             metrics = dict(m.user_metadata.get("metrics") or {}) if isinstance(
                 m.user_metadata.get("metrics"), dict) else {}
             created = m.created_unix

@@ -6,6 +6,7 @@ outcome to every rank; nothing here is a collective.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -25,11 +26,13 @@ from ..errors import (
     NotACheckpointError,
     UnsupportedFormatError,
 )
-from ..format import DirState
+from ..format import DirState, Manifest
 from ..format.names import Leftover, trash_name
 from ..io.commit import staging_abandoned
-from ..io.fsutil import remove_dir
-from ..io.reader import CheckpointReader, find_partials, read_manifest
+from ..io.committed import read_committed
+from ..io.dedupe import manifest_items
+from ..io.fsutil import fsync_dir, remove_dir
+from ..io.reader import CheckpointReader, find_partials
 from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
 from . import refcount
@@ -38,6 +41,8 @@ from .leases import Leases
 from .names import BEST_POINTER, LATEST_POINTER, parse_leftover_in_root, parse_step, step_dir_name
 from .pointers import Pointers
 from .retention import Policy, metric_value
+
+log = logging.getLogger("shardckpt")
 
 # Damage that makes `restore()` fall back to the previous checkpoint. A state that
 # does not match (keys, shapes) is the caller's bug and is raised, never skipped.
@@ -59,6 +64,21 @@ def state_bytes(tree: Any) -> int:
     return 0
 
 
+# An incremental save that references less than this share of its bytes does not
+# pay for hashing every block (about as long as writing them raw on fast storage).
+MIN_REFERENCED = 0.05
+
+
+def referenced_fraction(m: Manifest) -> float:
+    """Share of a manifest's raw bytes that lie in its bases (0 for a full checkpoint)."""
+    total = referenced = 0
+    for item in manifest_items(m):
+        total += item.nbytes
+        for r in item.refs:
+            referenced += sum(b[1] for b in item.blocks[r.first:r.first + r.count])
+    return referenced / total if total else 0.0
+
+
 class RootKeeper:
     def __init__(self, root: str, *, policy: Policy, metric: str | None, mode: str,
                  leases: Leases, verify_on_restore: str, space_margin: float,
@@ -69,6 +89,8 @@ class RootKeeper:
         self.incremental = incremental
         self.full_every = full_every
         self._save_leases: list[str | None] = []  # the bases of the save in flight
+        self._full_left = 0  # full saves still to make before the next incremental probe
+        self._probe_gap = 1  # full saves after the next probe that references ~nothing
         self.policy = policy
         self.metric = metric
         self.mode = mode
@@ -110,16 +132,39 @@ class RootKeeper:
                 return None, 0
             prev = infos[-1].name
         try:
-            m = read_manifest(self._path(prev))
+            m = read_committed(self._path(prev))
         except FALLBACK_ERRORS:
             return None, 0
         chain = m.user_metadata.get("manager", {}).get("chain") if m.bases else 0
         if type(chain) is not int or chain + 1 >= self.full_every:
             return None, 0
+        if not self._worth_a_base(m):
+            return None, 0
         # Leased until the save commits, so a concurrent `shardckpt gc` keeps it; the
         # checkpoints it references in turn stay because it (live) references them.
         self._save_leases = [self.leases.take(prev)]
         return prev, chain + 1
+
+    def _worth_a_base(self, prev: Manifest) -> bool:
+        """False while incremental saves are not paying: one that referenced under
+        MIN_REFERENCED of its bytes (everything trained) cost the hashing of every
+        block for nothing, so the next saves are full, 1, 2, 4.. up to full_every of
+        them after each such probe; one that referenced more resets the backoff."""
+        if self._full_left > 0:
+            self._full_left -= 1
+            return False
+        manager = prev.user_metadata.get("manager")
+        if not isinstance(manager, dict) or "chain" not in manager:
+            return True  # saved without a base: the next one probes
+        if referenced_fraction(prev) >= MIN_REFERENCED:
+            self._probe_gap = 1
+            return True
+        self._full_left = self._probe_gap - 1
+        self._probe_gap = min(2 * self._probe_gap, self.full_every)
+        log.info("shardckpt: %s: the last incremental save referenced under %.0f %% of its "
+                 "bytes; the next %d save(s) are full", self.root, 100 * MIN_REFERENCED,
+                 self._full_left + 1)
+        return False
 
     def droppable(self, infos: list[CheckpointInfo],
                    extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
@@ -201,9 +246,14 @@ class RootKeeper:
         latest = self.pointers.read(LATEST_POINTER)
         # A save of an older step (after restoring an old one) still becomes latest:
         # it is what the run continues from.
+        # The pointers' renames are made durable by one fsync of the root: the first
+        # deletion's (it renames into the root and fsyncs it before removing
+        # anything), else the one at the end. A crash in between leaves a pointer
+        # that lags, which restore repairs; retention decides from the pointers
+        # as written, and never deletes what the new ones name.
         if latest is None or latest.get("name") != name:
             self.pointers.write(LATEST_POINTER, {"name": name, "step": step,
-                                                  "updated_unix": now})
+                                                  "updated_unix": now}, sync_dir=False)
             moved.append("latest")
         value = metric_value(metrics, self.metric)
         if value is not None:
@@ -211,14 +261,18 @@ class RootKeeper:
             if self.better(value, best) or (best is not None and best.get("name") == name):
                 self.pointers.write(BEST_POINTER, {
                     "name": name, "step": step, "metric": self.metric, "value": value,
-                    "mode": self.mode, "updated_unix": now})
+                    "mode": self.mode, "updated_unix": now}, sync_dir=False)
                 moved.append("best")
         self.drop_save_leases()
         deleted, retired = [], []
-        for i in self.droppable(list_checkpoints(self.root)):
-            outcome = refcount.drop(self.root, i.name)
-            (deleted if outcome == "deleted" else retired if outcome else []).append(i.name)
-        deleted += refcount.sweep(self.root, self.protected())
+        try:
+            for i in self.droppable(list_checkpoints(self.root)):
+                outcome = refcount.drop(self.root, i.name)
+                (deleted if outcome == "deleted" else retired if outcome else []).append(i.name)
+            deleted += refcount.sweep(self.root, self.protected())
+        finally:
+            if moved and not deleted and not is_url(self.root):
+                fsync_dir(self.root)
         return {"pointers": moved, "deleted": deleted, "retired": retired}
 
     def _base_plan(self, step: int) -> dict:

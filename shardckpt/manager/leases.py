@@ -7,6 +7,7 @@ ever removed through a symlinked lease directory.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -14,7 +15,7 @@ import uuid
 import warnings
 
 from ..errors import ShardckptError
-from ..io.fsutil import HOST, pid_alive
+from ..io.fsutil import HOST, pid_alive, write_file_atomic
 from ..io.storage import is_url, join, storage_for
 from .names import READERS_DIR
 from .pointers import read_small_json, safe_step_name, write_pointer
@@ -43,8 +44,14 @@ class Leases:
             if not self._dir_ok():
                 return None
             path = join(self.dir, f"{os.getpid()}-{HOST}-{uuid.uuid4().hex[:8]}.json")
-            write_pointer(path, {"name": name, "pid": os.getpid(), "host": HOST,
-                                 "time": time.time()})
+            lease = {"name": name, "pid": os.getpid(), "host": HOST, "time": time.time()}
+            if self.remote:
+                write_pointer(path, lease)
+            else:
+                # Atomic but not fsynced: a lease protects a reader while its process
+                # lives; after a crash of the machine that process is gone and the lease
+                # stale whether or not it survived.
+                write_file_atomic(path, json.dumps(lease, sort_keys=True).encode())
             return path
         except (OSError, ShardckptError) as e:
             warnings.warn(f"shardckpt: could not take a reader lease in {self.dir} "

@@ -69,8 +69,8 @@ class Pointers:
             return None
         return p
 
-    def write(self, which: str, payload: dict) -> None:
-        write_pointer(os.path.join(self.root, which), payload)
+    def write(self, which: str, payload: dict, *, sync_dir: bool = True) -> None:
+        write_pointer(os.path.join(self.root, which), payload, sync_dir=sync_dir)
 
     def names(self) -> dict[str, str]:
         out = {}
@@ -81,11 +81,12 @@ class Pointers:
         return out
 
 
-def write_pointer(path: str, payload: dict) -> None:
+def write_pointer(path: str, payload: dict, *, sync_dir: bool = True) -> None:
     """Durable atomic small-file write: temp file, fsync, rename, fsync of the directory
-    (on an object store: one PUT, atomic there)."""
+    (on an object store: one PUT, atomic there). `sync_dir=False`: the caller fsyncs the
+    directory itself, once for several entries."""
     data = json.dumps(payload, sort_keys=True).encode()
     if is_url(path):
         storage_for(path).write_small(path, data)
         return
-    write_file_durable(path, data)
+    write_file_durable(path, data, sync_dir=sync_dir)

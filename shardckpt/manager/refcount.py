@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from ..errors import ShardckptError
 from ..format import DirState
 from ..format.names import MANIFEST_NAME
+from ..io.committed import read_committed
 from ..io.dedupe import holder_names
 from ..io.fsutil import fsync_dir
-from ..io.reader import read_manifest
 from ..io.storage import storage_for
 from .catalog import delete_checkpoint, step_entries
 
@@ -52,7 +52,7 @@ def references(root: str) -> References:
         if storage_for(path).state(path) != DirState.COMMITTED:
             continue
         try:
-            holders = holder_names(read_manifest(path))
+            holders = holder_names(read_committed(path))
         except (ShardckptError, OSError):
             # A manifest we cannot read may reference anything: nothing it might
             # use is deleted until it is readable again or itself gone.

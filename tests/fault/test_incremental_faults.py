@@ -50,7 +50,8 @@ def _every_committed_checkpoint_loads(root: str) -> list[int]:
     return steps
 
 
-@pytest.mark.parametrize("point,listed", [("data", [3, 4]), ("retire", [5, 6]),
+@pytest.mark.parametrize("point,listed", [("data", [3, 4]), ("published", [4, 5]),
+                                          ("lease", [3, 4]), ("retire", [5, 6]),
                                           ("sweep", [4, 5])])
 def test_kill9_leaves_every_committed_checkpoint_loadable(tmp_path, point, listed):
     root, flag = str(tmp_path / "root"), str(tmp_path / "flag")
@@ -66,4 +67,6 @@ def test_kill9_leaves_every_committed_checkpoint_loadable(tmp_path, point, liste
     mgr.save(newest + 1, W.state_at(newest + 1))
     gc(root, older_than=0)
     assert not [e for e in os.listdir(root) if ".partial-" in e or ".old-" in e]
+    # the killed run's lease (its process is dead) protects nothing and is gone
+    assert not os.listdir(os.path.join(root, ".readers"))
     assert _every_committed_checkpoint_loads(root)[-2:] == [newest, newest + 1]

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import shardckpt
 from shardckpt.io import commit
-from shardckpt.manager import refcount
+from shardckpt.manager import leases, refcount
 
 # ------------------------------------------------------------ single-process states
 
@@ -77,6 +77,23 @@ def park_main(point: str, root: str, flag: str) -> None:
             real(self, manifest)
 
         commit.Commit.finalize = finalize
+    elif point == "published":  # step 5 renamed into place; marker, pointers, retention not
+        real_remember = commit.remember_committed
+
+        def remember(final: str, *a: Any) -> None:
+            _park(flag)
+            real_remember(final, *a)
+
+        commit.remember_committed = remember
+    elif point == "lease":  # step 5's base leased (a file written without fsync)
+        real_take = leases.Leases.take
+
+        def take(self: Any, name: str) -> Any:
+            out = real_take(self, name)
+            _park(flag)
+            return out
+
+        leases.Leases.take = take
     elif point == "retire":  # retention renaming a referenced checkpoint's manifest
         real_retire = refcount.retire
 

@@ -92,10 +92,10 @@ def kill_main(point: str, root: str, flag: str) -> None:
     elif point == "pointer":  # renamed (committed) but `latest` still names step 2
         real_wp = pointers_mod.write_pointer
 
-        def wp(path: str, payload: dict) -> None:
+        def wp(path: str, payload: dict, **kw: Any) -> None:
             if path.endswith(manager_mod.LATEST_POINTER) and payload.get("step") == 3:
                 _park(flag)
-            real_wp(path, payload)
+            real_wp(path, payload, **kw)
 
         pointers_mod.write_pointer = wp
     elif point == "retention":  # step 1 renamed to its trash name, rmtree under way
