@@ -165,6 +165,19 @@ def test_policy_decisions_from_rates():
     assert not q.choose()
     raws = [q.choose() for _ in range(REPROBE_EVERY)]
     assert raws[:-1] == [False] * (REPROBE_EVERY - 1) and raws[-1]  # periodic re-probe
+    # Compression predicted only a little faster than raw (the encoder pool just about
+    # keeps up with the disk): raw, since the prediction ignores the cores the writer
+    # and the checksums take.
+    e = CompressionPolicy(threads=2, storage_bps=1000e6)  # 1 GB/s disk
+    e.observe_encode(100 * MB, 92 * MB, thread_s=0.095, compressed=True)  # ~2.1 GB/s pool
+    e.observe_encode(100 * MB, 100 * MB, thread_s=0.02, compressed=False)
+    z, r = e.predicted()
+    assert z < r < z * 1.15 and not e.choose()
+    # Clearly faster (a slow disk, good ratio): compressed.
+    f = CompressionPolicy(threads=2, storage_bps=300e6)
+    f.observe_encode(100 * MB, 60 * MB, thread_s=0.2, compressed=True)
+    f.observe_encode(100 * MB, 100 * MB, thread_s=0.02, compressed=False)
+    assert f.choose()
 
 
 def test_probe_choice_and_cache(tmp_path, monkeypatch):
