@@ -162,3 +162,32 @@ def test_forced_off_uses_the_buffered_sink(tmp_path, monkeypatch):
     finally:
         sink.abort()
     probe.forget()
+
+
+def test_space_is_reserved_ahead_and_a_refused_reservation_is_not_an_error(ddir, monkeypatch):
+    calls = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(direct_sink, "RESERVE", 2 * CHUNK)
+
+    def spy(fd: int, off: int, n: int) -> None:
+        calls.append((off, n))
+        real(fd, off, n)
+
+    monkeypatch.setattr(os, "posix_fallocate", spy)
+    path = str(ddir / "f.bin")
+    body = os.urandom(7 * CHUNK + 123)
+    sink = DirectSink(path, chunk=CHUNK)
+    sink.write(memoryview(body))
+    sink.close()
+    # Reserved in order, ahead of the writes, and truncated back to the true size.
+    assert calls and all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))
+    assert open(path, "rb").read() == body
+
+    def refuse(fd: int, off: int, n: int) -> None:  # less room than the reserve
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    sink = DirectSink(path, chunk=CHUNK)
+    sink.write(memoryview(body))
+    sink.close()
+    assert open(path, "rb").read() == body
