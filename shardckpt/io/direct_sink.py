@@ -50,7 +50,7 @@ def supported() -> bool:
     return DIRECT_FLAG != 0
 
 
-class DirectSink:
+class DirectSink(sinks.StreamedFile):
     """A local data file written by `streams` threads with O_DIRECT (see the module doc).
 
     Memory: (streams + 2) chunks of `chunk` bytes. Unlike the buffered sink, `write`
@@ -185,42 +185,13 @@ class DirectSink:
             self.direct = False
             return True
 
-    def _join(self) -> None:
-        for _ in self._threads:
-            self._q.put(None)
-        for t in self._threads:
-            t.join()
-
     def close(self) -> None:
-        if self._fd < 0:
-            return
-        if self._cur is not None and self._fill and not self._err:
+        if self._fd >= 0 and self._cur is not None and self._fill and not self._err:
             self._submit()
-        self._join()
-        try:
-            if not self._err:
-                if os.fstat(self._fd).st_size != self.offset:
-                    # The padding of the last chunk, and the space reserved past the end.
-                    os.ftruncate(self._fd, self.offset)
-                os.fsync(self._fd)  # the data is on the device; this makes size and extents so
-        except OSError as e:
-            self._err.append(e)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-        if self._err:
-            raise self._error()
+        super().close()
 
-    def abort(self) -> None:
-        self._stop = True
-        try:
-            if self._fd >= 0:
-                self._join()
-                os.close(self._fd)
-                self._fd = -1
-            os.unlink(self.name)
-        except OSError:  # never raises: the staging directory goes as a whole anyway
-            pass
-
-    def _error(self) -> BaseException:
-        return sinks.typed_write_error(self._err[0], self.name, self.rank)
+    def _before_fsync(self) -> None:
+        # The padding of the last chunk, and the space reserved past the end. The data
+        # is on the device already; the fsync makes the size and the extents durable.
+        if os.fstat(self._fd).st_size != self.offset:
+            os.ftruncate(self._fd, self.offset)

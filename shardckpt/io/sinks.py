@@ -35,7 +35,59 @@ class DataSink(Protocol):
     def abort(self) -> None: ...
 
 
-class LocalSink:
+class StreamedFile:
+    """What the local sinks share: a file written by `self._threads` fed from `self._q`,
+    errors collected in `self._err`, made durable on close, removed on abort."""
+
+    name: str
+    rank: int | None
+    _fd: int
+    _q: queue.SimpleQueue
+    _threads: list[threading.Thread]
+    _err: list[BaseException]
+    _stop: bool
+
+    def _join(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _before_fsync(self) -> None:
+        """Last changes to the file once every stream is done (a subclass's hook)."""
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._join()
+        try:
+            if not self._err:
+                self._before_fsync()
+                os.fsync(self._fd)
+        except OSError as e:
+            self._err.append(e)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        if self._err:
+            raise self._error()
+
+    def abort(self) -> None:
+        self._stop = True
+        try:
+            if self._fd >= 0:
+                self._join()
+                os.close(self._fd)
+                self._fd = -1
+            os.unlink(self.name)
+        except OSError:  # never raises: the staging directory goes as a whole anyway
+            pass
+
+    def _error(self) -> BaseException:
+        return typed_write_error(self._err[0], self.name, self.rank)
+
+
+class LocalSink(StreamedFile):
     """A local file written by `streams` threads, each `os.pwrite`-ing its ranges at their
     offsets and fdatasync-ing every `sync_every` bytes of its own.
 
@@ -104,42 +156,6 @@ class LocalSink:
             self._room.acquire()
         self._q.put((self.offset, memoryview(data).cast("B"), mib))
         self.offset += n
-
-    def _join(self) -> None:
-        for _ in self._threads:
-            self._q.put(None)
-        for t in self._threads:
-            t.join()
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        self._join()
-        try:
-            if not self._err:
-                os.fsync(self._fd)
-        except OSError as e:
-            self._err.append(e)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-        if self._err:
-            raise self._error()
-
-    def abort(self) -> None:
-        self._stop = True
-        try:
-            if self._fd >= 0:
-                self._join()
-                os.close(self._fd)
-                self._fd = -1
-            os.unlink(self.name)
-        except OSError:  # never raises: the staging directory goes as a whole anyway
-            pass
-
-    def _error(self) -> BaseException:
-        return typed_write_error(self._err[0], self.name, self.rank)
-
 
 def open_sink(staging_dir: str, rel: str, *, rank: int | None = None) -> DataSink:
     """The sink for data file `rel` of a save's staging directory: the one place a storage
