@@ -26,16 +26,16 @@ from ..errors import (
     NotACheckpointError,
     UnsupportedFormatError,
 )
-from ..format import DirState, Manifest
+from ..format import DirState
 from ..format.names import Leftover, trash_name
 from ..io.commit import staging_abandoned
 from ..io.committed import read_committed
-from ..io.dedupe import manifest_items
 from ..io.fsutil import fsync_dir, remove_dir
 from ..io.reader import CheckpointReader, find_partials
 from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
 from . import refcount
+from .backoff import BaseBackoff
 from .catalog import CheckpointInfo, list_checkpoints, precheck, step_entries
 from .leases import Leases
 from .names import BEST_POINTER, LATEST_POINTER, parse_leftover_in_root, parse_step, step_dir_name
@@ -64,21 +64,6 @@ def state_bytes(tree: Any) -> int:
     return 0
 
 
-# An incremental save that references less than this share of its bytes does not
-# pay for hashing every block (about as long as writing them raw on fast storage).
-MIN_REFERENCED = 0.05
-
-
-def referenced_fraction(m: Manifest) -> float:
-    """Share of a manifest's raw bytes that lie in its bases (0 for a full checkpoint)."""
-    total = referenced = 0
-    for item in manifest_items(m):
-        total += item.nbytes
-        for r in item.refs:
-            referenced += sum(b[1] for b in item.blocks[r.first:r.first + r.count])
-    return referenced / total if total else 0.0
-
-
 class RootKeeper:
     def __init__(self, root: str, *, policy: Policy, metric: str | None, mode: str,
                  leases: Leases, verify_on_restore: str, space_margin: float,
@@ -89,8 +74,7 @@ class RootKeeper:
         self.incremental = incremental
         self.full_every = full_every
         self._save_leases: list[str | None] = []  # the bases of the save in flight
-        self._full_left = 0  # full saves still to make before the next incremental probe
-        self._probe_gap = 1  # full saves after the next probe that references ~nothing
+        self.backoff = BaseBackoff(root, full_every)
         self.policy = policy
         self.metric = metric
         self.mode = mode
@@ -138,33 +122,12 @@ class RootKeeper:
         chain = m.user_metadata.get("manager", {}).get("chain") if m.bases else 0
         if type(chain) is not int or chain + 1 >= self.full_every:
             return None, 0
-        if not self._worth_a_base(m):
+        if not self.backoff.worth(m):
             return None, 0
         # Leased until the save commits, so a concurrent `shardckpt gc` keeps it; the
         # checkpoints it references in turn stay because it (live) references them.
         self._save_leases = [self.leases.take(prev)]
         return prev, chain + 1
-
-    def _worth_a_base(self, prev: Manifest) -> bool:
-        """False while incremental saves are not paying: one that referenced under
-        MIN_REFERENCED of its bytes (everything trained) cost the hashing of every
-        block for nothing, so the next saves are full, 1, 2, 4.. up to full_every of
-        them after each such probe; one that referenced more resets the backoff."""
-        if self._full_left > 0:
-            self._full_left -= 1
-            return False
-        manager = prev.user_metadata.get("manager")
-        if not isinstance(manager, dict) or "chain" not in manager:
-            return True  # saved without a base: the next one probes
-        if referenced_fraction(prev) >= MIN_REFERENCED:
-            self._probe_gap = 1
-            return True
-        self._full_left = self._probe_gap - 1
-        self._probe_gap = min(2 * self._probe_gap, self.full_every)
-        log.info("shardckpt: %s: the last incremental save referenced under %.0f %% of its "
-                 "bytes; the next %d save(s) are full", self.root, 100 * MIN_REFERENCED,
-                 self._full_left + 1)
-        return False
 
     def droppable(self, infos: list[CheckpointInfo],
                    extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
