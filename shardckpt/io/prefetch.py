@@ -153,6 +153,10 @@ class Prefetcher:
                 self._ready[k] = _Slice(r, k[1] - key[1], k[2])
             self._bytes += end - key[1]
 
+    def into_place(self, key: Key) -> bool:
+        """Whether `key` is read into its destination (the bytes taken are the target's)."""
+        return key in self._dests
+
     def take(self, key: Key) -> memoryview | None:
         """The bytes of `key`, or None: the caller then reads it itself."""
         r = self._ready.pop(key, None)

@@ -159,7 +159,6 @@ class CheckpointReader:
         self.manifest = stored if key_map is None else stored.renamed(key_map)
         self.bytes_read = 0
         self._prefetch: Prefetcher | None = None
-        self._in_place: set[Key] = set()
 
     def close(self) -> None:
         self.stop_prefetch()
@@ -205,7 +204,6 @@ class CheckpointReader:
             # An object store answers many requests at once; a disk rewards few.
             n = (streams or _env_streams() or getattr(self._ckpt, "read_streams", None)
                  or READ_STREAMS)
-            self._in_place = set(dests or ())
             self._prefetch = Prefetcher(self._ckpt.open_data, reads, n, dests=dests)
 
     def stop_prefetch(self) -> None:
@@ -356,7 +354,7 @@ class CheckpointReader:
         for off, length, run in read_pieces(chosen):
             key = (item.file, off, length)
             got = self._prefetch.take(key) if self._prefetch else None
-            if got is not None and key in self._in_place:
+            if got is not None and self._prefetch.into_place(key):
                 # Raw blocks read into place: only their crc32s are left to check.
                 self.bytes_read += len(got)
                 self._check_in_place(got, run, path=path, rank=rank, tensor=fqn,
