@@ -73,6 +73,20 @@ def test_unchanged_blocks_are_referenced_not_written(tmp_path):
     assert shardckpt.verify(p3, deep=True).ok
 
 
+def test_overwriting_a_referenced_base_by_hand_is_refused_and_writes_nothing(tmp_path):
+    p1, p2, p3 = _chain(tmp_path)
+    before = _manifest(p1)
+    with pytest.raises(ReferencedCheckpointError, match="step_2.*step_3|step_3"):
+        shardckpt.save(W.state_at(9), p1, block_size=BS)
+    assert _manifest(p1) == before and W.matches(_loaded(p3), 3)
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]  # no staging left
+    # once nothing references it, the overwrite goes through
+    materialize(p3)
+    materialize(p2)
+    shardckpt.save(W.state_at(9), p1, block_size=BS)
+    assert W.matches(_loaded(p1), 9) and W.matches(_loaded(p3), 3)
+
+
 def test_blocks_match_by_content_not_position(tmp_path):
     a = {"x": torch.arange(1024, dtype=torch.float32), "y": torch.ones(256)}
     shardckpt.save(a, str(tmp_path / "a"), block_size=BS)

@@ -26,6 +26,7 @@ from shardckpt.io.fsutil import HOST, dir_size
 from shardckpt.io.reader import find_partials, read_manifest
 from shardckpt.manager import BEST_POINTER, LATEST_POINTER, CheckpointManager
 from shardckpt.manager import names as manager_mod  # READERS_DIR, pointer names
+from tests.fault._util import kill9_when_parked
 from tests.workers import manager as W
 from tests.workers.world import _entry, free_port
 
@@ -130,20 +131,8 @@ def test_restore_empty_root_returns_none(tmp_path):
                                           ("retention", 3)])
 def test_kill9_during_save(tmp_path, point, expect):
     root, flag = tmp_path / "ck", tmp_path / "flag"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.workers.manager", "kill", point,
-                             str(root), str(flag)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 90
-        while not flag.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"child exited early: {proc.stdout.read().decode()}")
-            assert time.time() < deadline, "child never reached the kill point"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill9_when_parked(["tests.workers.manager", "kill", point, str(root), str(flag)], flag,
+                      timeout=90)
     mgr = _mgr(root, keep_last=2, metric="loss")
     state = W.empty_state()
     with warnings.catch_warnings(record=True) as caught:

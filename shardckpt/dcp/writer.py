@@ -24,9 +24,10 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from .. import codec
-from ..errors import InvalidBaseError, SaveFailedError
+from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
 from ..io import dedupe
+from ..io.bases import refuse_overwrite_of_base
 from ..io.data_writer import DataFileWriter, tensor_bytes
 from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
 from .metadata import RankFile, manifest_from_results
@@ -63,13 +64,6 @@ class ShardWriter(StorageWriter):
                  base: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.base = None if base is None else os.fspath(base)
-        if self.base is not None and (is_url(self.base) or (path is not None
-                                                            and is_url(os.fspath(path)))):
-            # Every rank raises this before any collective of the save.
-            raise InvalidBaseError(
-                f"{os.fspath(path) if path is not None else '?'}: base={self.base}: incremental "
-                f"checkpoints need a local or shared filesystem; on an object store save "
-                f"without base= (a full checkpoint).")
         self._base_used: str | None = None
         self.path = os.fspath(path) if path is not None else None
         self.cfg = codec.CodecConfig(compression=compression, level=level, block_size=block_size)
@@ -107,6 +101,8 @@ class ShardWriter(StorageWriter):
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
         self._base_used = dedupe.choose_base(self.base, self.path, plans)
+        if self.overwrite:
+            refuse_overwrite_of_base(norm_path(self.path))
         self._commit = storage_for(self.path, self.storage_options).begin_commit(
             self.path, overwrite=self.overwrite, save_id=self.save_id, world_size=len(plans))
         c = self._commit

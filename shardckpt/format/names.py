@@ -7,6 +7,9 @@ import re
 
 FORMAT_NAME = "shardckpt"
 MANIFEST_NAME = "manifest.json"
+# A checkpoint dropped while an incremental one still references its data: no
+# longer committed (not listed, not restorable), its data kept (manager/refcount.py).
+RETIRED_MANIFEST = "manifest.retired.json"
 DATA_DIR = "data"
 PARTIAL_MARKER = "PARTIAL.json"
 # The longest checkpoint name whose staging name (".NAME.partial-<12 hex>") still

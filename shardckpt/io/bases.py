@@ -5,7 +5,9 @@ opened by file descriptor on first use and held open, so retention deleting it
 later cannot pull it from under a reader. It is never followed through a
 symlink (that could lead out of the root), and only its data files are read:
 the referencing manifest carries every record, checksum and size it needs, so a
-retired base (no manifest any more) reads the same.
+retired base (no manifest any more) reads the same. On an object store a base is
+a sibling prefix (`PREFIX/NAME`), and its data objects are immutable and named
+uniquely per save, so what a manifest references cannot change under it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 import torch
 
 from .. import codec
-from ..errors import BaseCheckpointError, CorruptCheckpointError
-from ..format import Block, Manifest, StoredItem
-from ..format.refs import RefBlock, base_name
-from .storage import OpenCheckpoint, storage_for
+from ..errors import BaseCheckpointError, CorruptCheckpointError, ReferencedCheckpointError
+from ..format import Block, Manifest, StoredItem, parse_manifest
+from ..format.names import MANIFEST_NAME, DirState
+from ..format.refs import BASE_PREFIX, RefBlock, base_name
+from .storage import OpenCheckpoint, is_url, join, split_path, storage_for
 
 _EAGER_BASE_FILES = 256
 
@@ -44,7 +47,7 @@ class BaseFiles:
                     pass  # reported when a block is read, naming the tensor
 
     def dir_of(self, ref: str) -> str:
-        return os.path.join(os.path.dirname(os.path.abspath(self.path)), base_name(ref))
+        return join(split_path(self.path)[0], base_name(ref))
 
     def _missing(self, ref: str, rel: str, fqn: str | None, what: str) -> BaseCheckpointError:
         d = self.dir_of(ref)
@@ -52,7 +55,7 @@ class BaseFiles:
         return BaseCheckpointError(
             f"{self.path}: {fqn!r} is stored partly in base checkpoint {d}, whose {rel} {what}; "
             f"this incremental checkpoint cannot be loaded without it. Load a full checkpoint "
-            f"or one whose base is intact.", path=os.path.join(d, rel), tensor=fqn, base=d,
+            f"or one whose base is intact.", path=join(d, rel), tensor=fqn, base=d,
             rank=None if fe is None else fe.rank)
 
     def open_data(self, ref: str, rel: str, fqn: str | None) -> Any:
@@ -60,7 +63,7 @@ class BaseFiles:
         if ck is None:
             d = self.dir_of(ref)
             try:
-                if stat.S_ISLNK(os.lstat(d).st_mode):
+                if not is_url(d) and stat.S_ISLNK(os.lstat(d).st_mode):
                     raise self._missing(ref, rel, fqn, "directory is a symlink (never followed: "
                                                        "it could lead out of the root)")
                 ck = self._open[ref] = storage_for(d).open_checkpoint(d)
@@ -114,10 +117,10 @@ class BaseFiles:
         for (ref, rel), group in groups.items():
             if not ref:
                 f = reader.data_file_for(fqn, rel)
-                path, rank = os.path.join(reader.path, rel), reader.manifest.file_rank(rel)
+                path, rank = join(reader.path, rel), reader.manifest.file_rank(rel)
             else:
                 f = self.open_data(ref, rel, fqn)
-                path, rank = os.path.join(self.dir_of(ref), rel), self.bases[ref][rel].rank
+                path, rank = join(self.dir_of(ref), rel), self.bases[ref][rel].rank
             for off, length, run in _runs(group):
                 data = f.pread(max(0, min(length, f.size - off)), off)
                 reader.bytes_read += len(data)
@@ -151,3 +154,44 @@ def _runs(blocks: list[Block]) -> list[tuple[int, int, list[Block]]]:
                 continue
         runs.append((b.offset, b.stored_len, [b]))
     return runs
+
+
+def sibling_users(path: str) -> list[str]:
+    """Committed checkpoints in the same directory (or object-store prefix) whose manifest
+    references `path`. A manifest that does not contain the reference's text is not
+    parsed: an overwrite asks this of every sibling."""
+
+    parent, name = split_path(path)
+    st = storage_for(parent)
+    needle = f'"{BASE_PREFIX}{name}"'.encode()
+    users = []
+    for e, is_dir in sorted(st.children(parent)):
+        p = join(parent, e)
+        if e == name or e.startswith(".") or not is_dir or st.state(p) != DirState.COMMITTED:
+            continue
+        try:
+            ck = st.open_checkpoint(p)
+            try:
+                data = ck.read_manifest()
+            finally:
+                ck.close()
+            if needle in data and name in {base_name(b) for b in
+                                           parse_manifest(data, join(p, MANIFEST_NAME)).bases}:
+                users.append(p)
+        except Exception:  # noqa: BLE001 - an unreadable sibling references nothing we can tell
+            continue
+    return users
+
+
+def refuse_overwrite_of_base(path: str) -> None:
+    """Before a save replaces the committed checkpoint at `path`: a typed error if another
+    checkpoint references it (its blocks would go with it), so nothing is written."""
+    st = storage_for(path)
+    if st.state(path) != DirState.COMMITTED:
+        return
+    users = sibling_users(path)
+    if users:
+        raise ReferencedCheckpointError(
+            f"{path}: is a base of {', '.join(users)}; overwriting it would break them, so "
+            f"nothing was written. Rewrite those standalone first (`shardckpt materialize "
+            f"PATH`), or save under another name.")

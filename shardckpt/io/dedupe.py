@@ -22,6 +22,7 @@ from ..errors import InvalidBaseError
 from ..format import FileEntry, Manifest, StoredItem
 from ..format.blocks import MODE_GROUPED, MODE_RAW
 from ..format.refs import Ref, RefBlock, base_name, base_ref, runs_of
+from .storage import is_url, norm_path, split_path
 
 log = logging.getLogger("shardckpt")
 
@@ -161,12 +162,15 @@ class BaseIndex:
 
 
 def _sibling_pair(base: str | os.PathLike, target: str | os.PathLike) -> tuple[str, str]:
-    """(base, target) as absolute paths, or InvalidBaseError before anything is read."""
-    base, target = os.path.abspath(os.fspath(base)), os.path.abspath(os.fspath(target))
-    if os.path.dirname(base) != os.path.dirname(target):
+    """(base, target) as absolute paths or URLs, or InvalidBaseError before anything is read.
+
+    Siblings in one directory, or under one prefix of one bucket: a reference is
+    `../NAME`, so both must share the parent, textually (a URL is never resolved)."""
+    base, target = norm_path(base), norm_path(target)
+    if is_url(base) != is_url(target) or split_path(base)[0] != split_path(target)[0]:
         raise InvalidBaseError(
-            f"{target}: base {base} is not in the same directory; an incremental "
-            f"checkpoint references only siblings (save both under one root).")
+            f"{target}: base {base} is not in the same directory (or object-store prefix); "
+            f"an incremental checkpoint references only siblings (save both under one root).")
     if base == target:
         raise InvalidBaseError(f"{target}: a checkpoint cannot be its own base; pass the "
                                f"previous checkpoint as base=.")

@@ -354,6 +354,15 @@ def join(path: str, *names: str) -> str:
     return os.path.join(path, *names)
 
 
+def split_path(path: str) -> tuple[str, str]:
+    """(parent, name) of a checkpoint path as `norm_path` gives it, local or URL."""
+    p = norm_path(path)
+    if is_url(p):
+        head, _, name = p.rpartition("/")
+        return head, name
+    return os.path.split(p)
+
+
 def storage_for(path: str, storage_options: dict | None = None) -> Storage:
     """The Storage that holds `path`: the local filesystem for plain paths, object
     storage (S3 natively, anything else through fsspec) for URLs. `storage_options`

@@ -180,7 +180,7 @@ class RootKeeper:
         estimate = prev[-1].size_bytes if prev else (self.state_estimate or 0)
         need = int(estimate * self.space_margin) + self.min_free_bytes
         if is_url(self.root):
-            return {"freed": []}  # an object store has no free space to check
+            return {"freed": [], **self._base_plan(step)}  # no free space to check there
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return {"freed": [], **self._base_plan(step)}
@@ -246,7 +246,9 @@ class RootKeeper:
         """Before saving over `step`'s name: what references it is rewritten standalone, and
         a retired checkpoint there (kept only for those references) goes."""
         name = step_dir_name(step)
-        if not os.path.isdir(self._path(name)):
+        path = self._path(name)
+        if (storage_for(path).state(path) == DirState.MISSING if is_url(path)
+                else not os.path.isdir(path)):
             return
         if refcount.references(self.root).users_of(name):
             refcount.release(self.root, name)

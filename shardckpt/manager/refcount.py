@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 
 from ..errors import ShardckptError
 from ..format import DirState
-from ..format.names import MANIFEST_NAME
+from ..format.names import MANIFEST_NAME, RETIRED_MANIFEST
 from ..io.committed import read_committed
 from ..io.dedupe import holder_names
 from ..io.fsutil import fsync_dir
-from ..io.storage import storage_for
+from ..io.storage import is_url, join, storage_for
 from .catalog import delete_checkpoint, step_entries
-
-RETIRED_MANIFEST = "manifest.retired.json"
 
 
 @dataclass
@@ -48,7 +46,7 @@ class References:
 def references(root: str) -> References:
     refs = References()
     for _, name in step_entries(root):
-        path = os.path.join(root, name)
+        path = join(root, name)
         if storage_for(path).state(path) != DirState.COMMITTED:
             continue
         try:
@@ -65,7 +63,9 @@ def references(root: str) -> References:
 
 
 def is_retired(root: str, name: str) -> bool:
-    path = os.path.join(root, name)
+    path = join(root, name)
+    if is_url(path):
+        return storage_for(path).is_retired(path)
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             return False
@@ -86,7 +86,10 @@ def retired_names(root: str) -> list[str]:
 
 
 def retire(root: str, name: str) -> None:
-    path = os.path.join(root, name)
+    path = join(root, name)
+    if is_url(path):
+        storage_for(path).retire(path)
+        return
     os.rename(os.path.join(path, MANIFEST_NAME), os.path.join(path, RETIRED_MANIFEST))
     fsync_dir(path)
 
@@ -126,7 +129,7 @@ def release(root: str, name: str) -> list[str]:
             return done
         # One that nothing references can be rewritten without breaking another.
         free = [u for u in users if not refs.users_of(u)] or users
-        materialize(os.path.join(root, free[0]), force=True)
+        materialize(join(root, free[0]), force=True)
         done.append(free[0])
     raise ShardckptError(f"{root}: references to {name} do not resolve (a cycle); rewrite the "
                          f"checkpoints that reference it with `shardckpt materialize`.")

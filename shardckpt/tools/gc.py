@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from ..format.names import Leftover, parse_leftover, parse_temp, trash_name
 from ..io.commit import staging_abandoned
 from ..io.fsutil import dir_size, pid_alive, remove_dir
-from ..io.storage import is_url, norm_path, storage_for
+from ..io.storage import is_url, join, norm_path, storage_for
 from ..manager import refcount
-from ..manager.catalog import delete_checkpoint, list_checkpoints
+from ..manager.catalog import list_checkpoints
 from ..manager.leases import Leases
 from ..manager.pointers import Pointers
 from ..manager.retention import LastN
@@ -91,30 +91,8 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
         return _gc_remote(root, keep_last, older_than, dry_run, storage_options)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such directory")
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"--keep-last must be >= 1, not {keep_last}")
     report = GcReport(root=root, dry_run=dry_run)
-    protected = set(Pointers(root).names().values())
-    actions: list[GcAction] = []
-    if keep_last is not None:
-        # The manager's own listing, leases and retention policy decide, so `gc`
-        # and training agree on what is kept.
-        infos = list_checkpoints(root)
-        protected |= Leases(root).live_names(remove_stale=not dry_run)
-        keep = LastN(keep_last).keep([(i.step, None) for i in infos])
-        refs = refcount.references(root)
-        for i in infos:
-            if i.step in keep:
-                continue
-            if i.name in protected:
-                report.kept.append((i.name, "named by a latest/best pointer or a reader lease"))
-                continue
-            users = refs.users_of(i.name) - {j.name for j in infos if j.step not in keep}
-            if users:  # retired: it goes once nothing that is kept references it
-                report.kept.append((i.name, f"retired, still referenced by "
-                                            f"{', '.join(sorted(users))}"))
-            actions.append(GcAction(i.path, "checkpoint", f"beyond keep-last {keep_last}",
-                                    0 if users else i.size_bytes))
+    actions = _retention(root, keep_last, report)
     now = time.time()
     for e in sorted(os.listdir(root)):
         parsed = parse_leftover(e)
@@ -158,39 +136,54 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
             continue
         if not dry_run:
             if a.kind == "checkpoint":
-                # Referenced by a kept incremental checkpoint: retired, not deleted.
-                if refcount.drop(root, os.path.basename(a.path)) is None:
+                if not _drop(root, a):
                     continue
             else:
                 base = parse_leftover(os.path.basename(a.path))[0]
                 if not remove_dir(a.path, os.path.join(root, trash_name(base, uuid.uuid4().hex[:12]))):
                     continue
         report.removed.append(a)
-    if not dry_run:  # retired checkpoints nothing references any more are leftovers too
-        protected |= Leases(root).live_names(remove_stale=False)
-        for name in refcount.sweep(root, protected):
-            report.removed.append(GcAction(os.path.join(root, name), "retired",
-                                           "retired, and no checkpoint references it any more",
-                                           0))
+    if not dry_run:
+        _sweep(root, report)
     return report
 
 
+def _drop(root: str, a: GcAction) -> bool:
+    # Referenced by a kept incremental checkpoint: retired, not deleted (refcount.py).
+    return refcount.drop(root, a.path.rstrip("/").rsplit("/", 1)[-1]) is not None
+
+
+def _sweep(root: str, report: GcReport) -> None:
+    """Retired checkpoints nothing references any more are leftovers too."""
+    protected = set(Pointers(root).names().values()) | Leases(root).live_names(remove_stale=False)
+    for name in refcount.sweep(root, protected):
+        report.removed.append(GcAction(join(root, name), "retired",
+                                       "retired, and no checkpoint references it any more", 0))
+
+
 def _retention(root: str, keep_last: int | None, report: GcReport) -> list[GcAction]:
-    protected = set(Pointers(root).names().values())
-    actions: list[GcAction] = []
+    """Checkpoints beyond keep-last. The manager's own listing, leases and retention policy
+    decide, so `gc` and training agree on what is kept."""
     if keep_last is None:
-        return actions
+        return []
+    protected = set(Pointers(root).names().values())
     infos = list_checkpoints(root)
     protected |= Leases(root).live_names(remove_stale=not report.dry_run)
     keep = LastN(keep_last).keep([(i.step, None) for i in infos])
+    refs = refcount.references(root)
+    actions: list[GcAction] = []
     for i in infos:
         if i.step in keep:
             continue
         if i.name in protected:
             report.kept.append((i.name, "named by a latest/best pointer or a reader lease"))
             continue
+        users = refs.users_of(i.name) - {j.name for j in infos if j.step not in keep}
+        if users:  # retired: it goes once nothing that is kept references it
+            report.kept.append((i.name, f"retired, still referenced by "
+                                        f"{', '.join(sorted(users))}"))
         actions.append(GcAction(i.path, "checkpoint", f"beyond keep-last {keep_last}",
-                                i.size_bytes))
+                                0 if users else i.size_bytes))
     return actions
 
 
@@ -204,7 +197,7 @@ def _gc_remote(root: str, keep_last: int | None, older_than: float, dry_run: boo
     report = GcReport(root=root, dry_run=dry_run)
     actions = _retention(root, keep_last, report)
     for a in actions:
-        if dry_run or delete_checkpoint(root, os.path.basename(a.path)):
+        if dry_run or _drop(root, a):
             report.removed.append(a)
     items, kept = find_leftovers(st, root, older_than=older_than)
     report.kept += kept
@@ -212,4 +205,6 @@ def _gc_remote(root: str, keep_last: int | None, older_than: float, dry_run: boo
         if not dry_run:
             remove_leftover(st, item)
         report.removed.append(GcAction(item.url, item.kind, item.reason, item.bytes))
+    if not dry_run:
+        _sweep(root, report)
     return report

@@ -132,8 +132,7 @@ def _summary(reader: CheckpointReader) -> dict[str, Any]:
         "keys": keys,
         # incremental only: stored bytes this checkpoint holds vs those its bases hold for it
         **({"bytes_own": on_disk, "bytes_referenced": referenced,
-            "bases": [os.path.normpath(os.path.join(os.path.abspath(reader.path), b))
-                      for b in sorted(m.bases)]} if m.bases else {}),
+            "bases": [reader.bases.dir_of(b) for b in sorted(m.bases)]} if m.bases else {}),
     }
 
 

@@ -18,9 +18,9 @@ from .. import codec
 from ..errors import BaseCheckpointError, CorruptCheckpointError, ReferencedCheckpointError
 from ..format import FileEntry, Manifest, StoredItem
 from ..format.refs import RefBlock
-from ..io.commit import Commit
-from ..io.fsutil import fsync_file
+from ..io.bases import sibling_users
 from ..io.reader import CheckpointReader
+from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
 from .report import human_bytes
 
 
@@ -47,25 +47,6 @@ class MaterializeReport:
                 f"in {self.seconds:.2f}s")
 
 
-def sibling_users(path: str) -> list[str]:
-    """Checkpoints in the same directory whose manifest references `path`."""
-    from ..io.dedupe import holder_names
-    from ..io.reader import read_manifest
-
-    parent, name = os.path.split(os.path.abspath(path))
-    users = []
-    for e in sorted(os.listdir(parent)):
-        p = os.path.join(parent, e)
-        if e == name or e.startswith(".") or not os.path.isfile(os.path.join(p, "manifest.json")):
-            continue
-        try:
-            if name in holder_names(read_manifest(p)):
-                users.append(p)
-        except Exception:  # noqa: BLE001 - an unreadable sibling references nothing we can tell
-            continue
-    return users
-
-
 def _items(m: Manifest) -> list[tuple[str, str, int | None, StoredItem]]:
     out: list[tuple[str, str, int | None, StoredItem]] = []
     for k, t in m.tensors.items():
@@ -78,10 +59,10 @@ def _items(m: Manifest) -> list[tuple[str, str, int | None, StoredItem]]:
 def _block_bytes(reader: CheckpointReader, fqn: str, item: StoredItem, i: int, b: Any) -> bytes:
     if isinstance(b, RefBlock):
         f = reader.bases.open_data(b.base, b.file, fqn)
-        where = f"{reader.bases.dir_of(b.base)}/{b.file}"
+        where = join(reader.bases.dir_of(b.base), b.file)
     else:
         f = reader.open_file(item.file)
-        where = os.path.join(reader.path, item.file)
+        where = join(reader.path, item.file)
     data = f.pread(b.stored_len, b.offset)
     if len(data) != b.stored_len or codec.crc32(data) != b.crc:
         what = "truncated" if len(data) != b.stored_len else "checksum mismatch"
@@ -101,8 +82,8 @@ def materialize(path: str | os.PathLike, out: str | os.PathLike | None = None, *
     (rewriting it would move the blocks they reference) unless `force`.
     """
     t0 = time.perf_counter()
-    src = os.path.abspath(os.fspath(path))
-    dst = os.path.abspath(os.fspath(out)) if out is not None else src
+    src = norm_path(path)
+    dst = norm_path(out) if out is not None else src
     with CheckpointReader(src) as reader:
         m = reader.stored_manifest
         report = MaterializeReport(path=src, out=dst, changed=bool(m.bases) or dst != src,
@@ -115,10 +96,10 @@ def materialize(path: str | os.PathLike, out: str | os.PathLike | None = None, *
                 raise ReferencedCheckpointError(
                     f"{src}: is a base of {', '.join(users)}; rewriting it in place would break "
                     f"them. Materialize those first, or write this one elsewhere with --out.")
-        commit = Commit.create(dst, overwrite=overwrite or dst == src, save_id=uuid.uuid4().hex,
-                               world_size=m.world_size)
+        commit = storage_for(dst).begin_commit(dst, overwrite=overwrite or dst == src,
+                                               save_id=uuid.uuid4().hex, world_size=m.world_size)
         try:
-            files, items = _copy(reader, m, commit.staging, report)
+            files, items = _copy(reader, m, commit, report)
             tensors = {k: replace(t, chunks=tuple(items[(k, i)] for i in range(len(t.chunks))))
                        for k, t in m.tensors.items()}
             objects = {k: items[(k, None)] for k in m.objects}
@@ -130,29 +111,38 @@ def materialize(path: str | os.PathLike, out: str | os.PathLike | None = None, *
     return report
 
 
-def _copy(reader: CheckpointReader, m: Manifest, staging: str, report: MaterializeReport,
+def _copy(reader: CheckpointReader, m: Manifest, commit: CheckpointWrite,
+          report: MaterializeReport,
           ) -> tuple[dict[str, FileEntry], dict[tuple[str, int | None], Any]]:
     by_file: dict[str, list] = {rel: [] for rel in m.files}
     for rel, k, i, item in _items(m):
         by_file[rel].append((k, i, item))
     files: dict[str, FileEntry] = {}
     items: dict[tuple[str, int | None], Any] = {}
-    for rel, entries in sorted(by_file.items()):
-        p = os.path.join(staging, rel)
+    remote = is_url(commit.staging)
+    for n, (rel, entries) in enumerate(sorted(by_file.items())):
+        # An object store's data names are unique per save (the commit's token); a
+        # file's rank stays in its FileEntry, `n` only keeps the names apart.
+        out_rel = commit.data_name(n) if remote else rel
+        p = join(commit.staging, out_rel)
+        sink = storage_for(p).open_sink(p, m.files[rel].rank)
         size = crc = 0
-        with open(p, "wb") as f:
+        try:
             for k, i, item in entries:
                 start = size
                 for j, b in enumerate(item.block_list()):
                     data = _block_bytes(reader, k, item, j, b)
-                    f.write(data)
+                    sink.write(memoryview(data))
                     crc = codec.crc32(data, crc)
                     size += len(data)
                     if isinstance(b, RefBlock):
                         report.bytes_copied += len(data)
-                items[(k, i)] = replace(item, file=rel, offset=start, length=size - start,
+                items[(k, i)] = replace(item, file=out_rel, offset=start, length=size - start,
                                         refs=())
-        fsync_file(p)
-        files[rel] = FileEntry(rank=m.files[rel].rank, size=size, crc32=crc)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        files[out_rel] = FileEntry(rank=m.files[rel].rank, size=size, crc32=crc)
         report.bytes_written += size
     return files, items

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from .. import codec
@@ -27,7 +26,7 @@ def check_references(reader: CheckpointReader, deep: bool, problem: Any,
             if not isinstance(b, RefBlock):
                 continue
             base_dir = reader.bases.dir_of(b.base)
-            rel = os.path.relpath(os.path.join(base_dir, b.file), reader.path)
+            rel = f"{b.base}/{b.file}"  # as the manifest names it, relative to this checkpoint
             rank = m.bases[b.base][b.file].rank
             where = f"in base checkpoint {base_dir}"
             try:

@@ -171,3 +171,27 @@ def dead_pid() -> int:
 
 def leftovers(parent: str | os.PathLike) -> list[str]:
     return sorted(e for e in os.listdir(parent) if ".partial-" in e or ".old-" in e)
+
+
+def kill9_when_parked(module_args: list[str], flag: str | os.PathLike,
+                      timeout: float = 180) -> None:
+    """Run `python -m MODULE ARGS...` and SIGKILL it once it touches `flag` (it parks
+    there, at the point under test)."""
+    import signal
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen([PY, "-m", *module_args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.exists(flag):
+            if proc.poll() is not None:
+                pytest.fail(f"child exited early: {proc.stdout.read().decode()}")
+            assert time.time() < deadline, "child never reached the kill point"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -111,9 +111,72 @@ def park_main(point: str, root: str, flag: str) -> None:
             real_rmtree(path, *a, **k)
 
         shutil.rmtree = rmtree
+    elif point in ("store-retire", "store-sweep"):
+        _park_in_store_delete(point, flag)
     for step in range(5, 12):
         mgr.save(step, state_at(step))
     raise SystemExit(f"never parked at {point}")
+
+
+def _park_in_store_delete(point: str, flag: str) -> None:
+    """Object stores (no renames): park halfway through retiring a checkpoint (its
+    retired copy written, the manifest not yet deleted) or through sweeping one (its
+    data deleted, its retired manifest not yet)."""
+    from shardckpt.format.names import MANIFEST_NAME, RETIRED_MANIFEST
+    from shardckpt.io.objstore.s3 import S3Store
+
+    real_delete = S3Store.delete
+
+    def delete(self: Any, urls: list[str]) -> None:
+        if point == "store-retire" and any(
+                u.endswith("/" + MANIFEST_NAME) and self.head(
+                    u[:-len(MANIFEST_NAME)] + RETIRED_MANIFEST) is not None for u in urls):
+            _park(flag)
+        if point == "store-sweep" and any(u.endswith("/" + RETIRED_MANIFEST) for u in urls):
+            _park(flag)
+        real_delete(self, urls)
+
+    S3Store.delete = delete
+
+
+def run_until_parked(point: str, root: str, flag: str) -> None:
+    """`park_main` in a child process, SIGKILLed where it parks."""
+    from tests.fault._util import kill9_when_parked
+
+    kill9_when_parked(["tests.workers.incremental", "park", point, root, flag], flag)
+
+
+def every_committed_checkpoint_loads(root: str) -> list[int]:
+    """Steps of the committed checkpoints of a root `park_main` wrote, each loaded and
+    verified; and nothing a committed checkpoint references is gone."""
+    from shardckpt.format import DirState
+    from shardckpt.io.storage import join, storage_for
+
+    steps = []
+    for i in shardckpt.list_checkpoints(root):
+        st = empty_state()
+        shardckpt.load(st, i.path)
+        assert matches(st, i.step), i.name
+        assert shardckpt.verify(i.path, deep=True).ok
+        steps.append(i.step)
+    for name, users in refcount.references(root).users.items():
+        path = join(root, name)
+        assert storage_for(path).state(path) != DirState.MISSING, (name, users)
+    return steps
+
+
+def resume_after_kill(root: str, newest: int) -> None:
+    """The next run of the manager (and gc) after a kill: it restores `newest`, saves the
+    step after it and collects what the killed run left."""
+    from shardckpt.tools.gc import gc
+
+    mgr = manager(root)
+    st = empty_state()
+    assert mgr.restore(st) == newest and matches(st, newest)
+    mgr.save(newest + 1, state_at(newest + 1))
+    mgr.close()
+    gc(root, older_than=0)
+    assert every_committed_checkpoint_loads(root)[-2:] == [newest, newest + 1]
 
 
 # ------------------------------------------------------------ FSDP2 with adapters

@@ -3,7 +3,8 @@
 Three kinds, each identifiable by name alone: markers `.NAME.partial-<token>` of
 saves whose process died (same host) or whose heartbeat stopped; data objects
 `NAME/data/r*.<token>.bin` that no manifest names and no live save owns (a
-crash, or the data of a replaced checkpoint); and multipart uploads under
+crash, or the data of a replaced checkpoint; a retired checkpoint's data is
+named by its retired manifest); and multipart uploads under
 `NAME/data/` whose save has no live marker (a rank killed mid-upload: its parts
 are billed until aborted). Nothing else is ever touched.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from ...errors import ShardckptError
 from ...format import parse_manifest
-from ...format.names import MANIFEST_NAME, Leftover, parse_leftover
+from ...format.names import MANIFEST_NAME, RETIRED_MANIFEST, Leftover, parse_leftover
 from ..fsutil import pid_alive
 from ..storage import MAX_MANIFEST_BYTES
 from .commit import HEARTBEAT_S, parse_data_object, token_of_marker
@@ -80,10 +81,15 @@ def find_leftovers(storage, root: str, *, older_than: float,
         objs = store.listing(join(path, "data") + "/")
         ups = store.uploads(join(path, "data") + "/")
         named: set[str] = set()
-        raw = store.get(join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES)
+        # A retired checkpoint's data is named by its retired manifest: incremental
+        # checkpoints still reference it (manager/refcount.py sweeps it when they are gone).
+        for mname in (MANIFEST_NAME, RETIRED_MANIFEST):
+            raw = store.get(join(path, mname), MAX_MANIFEST_BYTES)
+            if raw is not None:
+                break
         if raw is not None:
             try:
-                named = set(parse_manifest(raw, join(path, MANIFEST_NAME)).files)
+                named = set(parse_manifest(raw, join(path, mname)).files)
             except ShardckptError:
                 continue  # a damaged manifest: which objects it meant is unknowable; keep all
         alive = live.get(name, set())

@@ -12,7 +12,7 @@ visible manifest never names a missing or partial object (commit.py).
 from __future__ import annotations
 
 from ...errors import CorruptCheckpointError
-from ...format.names import MANIFEST_NAME, DirState, Leftover, parse_leftover
+from ...format.names import MANIFEST_NAME, RETIRED_MANIFEST, DirState, Leftover, parse_leftover
 from ..storage import MAX_MANIFEST_BYTES, CheckpointWrite, DataSink, RangeFile
 from .store import ObjectStore
 from .urls import basename, join, parent
@@ -133,15 +133,37 @@ class RemoteStorage:
         info = self.store.head(path)
         return None if info is None else info.mtime
 
+    def is_retired(self, path: str) -> bool:
+        return (self.store.head(join(path, MANIFEST_NAME)) is None
+                and self.store.head(join(path, RETIRED_MANIFEST)) is not None)
+
+    def retire(self, path: str) -> None:
+        """The manifest becomes `manifest.retired.json` (refcount.py): a copy first, then the
+        manifest goes. No rename here, so a crash between leaves both, and the checkpoint
+        still committed, which the next retention retires again."""
+        url = join(path, MANIFEST_NAME)
+        data = self.store.get(url, MAX_MANIFEST_BYTES)
+        if data is None:
+            raise FileNotFoundError(2, "no manifest", url)
+        self.store.put(join(path, RETIRED_MANIFEST), data)
+        self.store.delete([url])
+
     def delete_checkpoint(self, root: str, name: str) -> bool:
         """The manifest goes first (the checkpoint is invisible from then on), then the data
-        objects shardckpt wrote; a crash between leaves objects that `gc` removes."""
+        objects shardckpt wrote; a crash between leaves objects that `gc` removes. A retired
+        checkpoint loses its data first and its retired manifest last, so a crash between
+        leaves it retired, for the next sweep."""
         path = join(root, name)
         manifest = join(path, MANIFEST_NAME)
-        if self.store.head(manifest) is None:
+        retired = self.store.head(manifest) is None
+        if retired and not self.is_retired(path):
             return False
-        self.store.delete([manifest])
+        if not retired:
+            self.store.delete([manifest])
         pre = len(path) + 1
         self.store.delete([o.url for o in self.store.listing(path + "/")
                            if parse_data_object(o.url[pre:])])
+        gone = join(path, RETIRED_MANIFEST)
+        if retired or self.store.head(gone) is not None:  # also a retire a crash cut short
+            self.store.delete([gone])
         return True
