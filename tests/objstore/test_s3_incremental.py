@@ -230,8 +230,8 @@ def test_gc_on_s3_agrees_with_retention(s3_trained, s3_server):
 # ------------------------------------------------------------------ kill -9
 
 
-@pytest.mark.parametrize("point,listed", [("retire", [5, 6]), ("store-retire", [5, 6]),
-                                          ("store-sweep", [4, 5])])
+@pytest.mark.parametrize("point,listed", [("store-data", [3, 4]), ("retire", [5, 6]),
+                                          ("store-retire", [5, 6]), ("store-sweep", [4, 5])])
 def test_kill9_on_s3_leaves_every_committed_checkpoint_loadable(s3_server, tmp_path, point,
                                                                 listed):
     root, flag = f"{_new_bucket(s3_server)}/run", str(tmp_path / "flag")

@@ -111,6 +111,16 @@ def park_main(point: str, root: str, flag: str) -> None:
             real_rmtree(path, *a, **k)
 
         shutil.rmtree = rmtree
+    elif point == "store-data":  # object store: step 5's data uploaded, no manifest yet
+        from shardckpt.io.objstore.commit import RemoteCommit
+
+        real_remote = RemoteCommit.finalize
+
+        def remote_finalize(self: Any, manifest: Any) -> None:
+            _park(flag)
+            real_remote(self, manifest)
+
+        RemoteCommit.finalize = remote_finalize
     elif point in ("store-retire", "store-sweep"):
         _park_in_store_delete(point, flag)
     for step in range(5, 12):
