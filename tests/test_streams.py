@@ -217,6 +217,51 @@ def test_probe_choice_and_cache(tmp_path, monkeypatch):
     probe.forget()
 
 
+_PROBE_CHILD = """
+import json, sys, time
+from shardckpt.io import probe
+calls = []
+real = probe.measure_write
+probe.measure_write = lambda d, n, nbytes=1 << 20, direct=False: (
+    calls.append([n, direct]) or real(d, n, 1 << 20, direct))
+while time.time() < float(sys.argv[2]):  # start together, as the ranks of a job do
+    time.sleep(0.001)
+p = probe.storage_profile(sys.argv[1])
+print(json.dumps({"calls": calls, "profile": [p.streams, p.write_bps, p.direct]}))
+"""
+
+
+def _probe_children(data, cache, n: int) -> list[dict]:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SHARDCKPT_STREAMS", "SHARDCKPT_DIRECT_IO")}
+    env["SHARDCKPT_CACHE_DIR"] = str(cache)
+    start = time.time() + 8
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE_CHILD, str(data), str(start)],
+                              env=env, stdout=subprocess.PIPE) for _ in range(n)]
+    return [json.loads(p.communicate(timeout=180)[0]) for p in procs]
+
+
+def test_probe_is_shared_by_the_processes_of_a_node(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    outs = _probe_children(data, cache, 4)
+    # One process measured (under the lock); the others read its result and chose alike.
+    assert sum(1 for o in outs if o["calls"]) == 1, outs
+    assert len({tuple(o["profile"]) for o in outs}) == 1, outs
+    (f,) = [p for p in cache.iterdir() if p.suffix == ".json"]
+    # A damaged or stale result is measured again, by one process.
+    f.write_text("{not json")
+    outs = _probe_children(data, cache, 2)
+    assert sum(1 for o in outs if o["calls"]) == 1, outs
+    assert json.loads(f.read_text())["streams"] in probe.CANDIDATES
+    os.utime(f, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    assert sum(1 for o in _probe_children(data, cache, 1) if o["calls"]) == 1
+    assert sorted(os.listdir(data)) == []  # no scratch file left
+
+
 def test_read_pieces_split_at_block_boundaries():
     recs = [[3 * MB, 4 * MB, 0, "z"]] * 20
     blocks = fmt.blocks.item_blocks(1000, recs)

@@ -3,7 +3,11 @@
 A save probes the filesystem of its staging directory the first time this
 process writes there: the same bytes written and fdatasync'd by 1, 2 and 4
 concurrent `pwrite` streams into one scratch file, which is removed. The
-result is remembered per device (`st_dev`) for the life of the process, so a
+result is remembered per device (`st_dev`) for the life of the process, and
+shared for an hour with the other processes of the node through a small file in
+the user's cache directory (`SHARDCKPT_CACHE_DIR`, default
+`~/.cache/shardckpt`), under a lock: the ranks of a job on one node probe once,
+one after the other rather than against each other, and choose alike. A
 training job pays for it once (~0.1-0.3 s) and no user tunes thread counts.
 SHARDCKPT_STREAMS overrides the count (tests, or a filesystem the probe
 misjudges); the measured rate then is not known and is reported as None.
@@ -16,7 +20,11 @@ the encoder. SHARDCKPT_DIRECT_IO=0 or 1 overrides that choice.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import fcntl
+import json
 import mmap
 import os
 import secrets
@@ -50,8 +58,6 @@ class StorageProfile:
     direct: bool = False        # write data files with O_DIRECT (io/direct_sink.py)
 
 
-_profiles: dict[int, StorageProfile] = {}
-_lock = threading.Lock()
 
 
 def _env_streams() -> int | None:
@@ -131,6 +137,27 @@ def choose_streams(rates: dict[int, float]) -> int:
     return best
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """What a probe measured on one filesystem; the profile follows from it and the overrides."""
+
+    streams: int
+    write_bps: float
+    direct_bps: float | None = None  # None: refused, or not measured
+    direct_measured: bool = False
+
+    def profile(self, forced_direct: bool | None) -> StorageProfile:
+        d = self.direct_bps
+        if forced_direct is not False and d is not None and (
+                forced_direct or d >= _DIRECT_FLOOR * self.write_bps):
+            return StorageProfile(streams=DIRECT_STREAMS, write_bps=d, direct=True)
+        return StorageProfile(streams=self.streams, write_bps=self.write_bps)
+
+
+_measured: dict[int, _Measured] = {}
+_lock = threading.Lock()
+
+
 def storage_profile(directory: str) -> StorageProfile:
     """The write profile of `directory`'s filesystem (probed there on first use)."""
     forced = _env_streams()
@@ -139,32 +166,111 @@ def storage_profile(directory: str) -> StorageProfile:
         return StorageProfile(streams=forced, write_bps=None, direct=bool(forced_direct))
     dev = os.stat(directory).st_dev
     with _lock:  # concurrent saves of one process probe once, not against each other
-        prof = _profiles.get(dev)
-        if prof is None:
-            try:
-                rates: dict[int, float] = {}
-                for n in CANDIDATES:
-                    rates[n] = measure_write(directory, n)
-                    if choose_streams(rates) != n:
-                        break  # more streams did not help: more still will not
-            except OSError:
+        m = _measured.get(dev)
+        if m is None or (forced_direct is not False and not m.direct_measured):
+            m = _shared_probe(directory, dev, forced_direct, m)
+            if m is None:
                 # A full or read-only disk fails the save itself with a typed error
                 # naming the checkpoint; the probe must not be what reports it.
                 return StorageProfile(streams=1, write_bps=None)
-            n = choose_streams(rates)
-            prof = StorageProfile(streams=n, write_bps=rates[n])
-            if forced_direct is not False:
-                try:
-                    rate = measure_write(directory, DIRECT_STREAMS, direct=True)
-                except OSError:
-                    rate = None  # the filesystem refuses O_DIRECT: buffered it is
-                if rate is not None and (forced_direct or rate >= _DIRECT_FLOOR * rates[n]):
-                    prof = StorageProfile(streams=DIRECT_STREAMS, write_bps=rate, direct=True)
-            _profiles[dev] = prof
-        return prof
+            _measured[dev] = m
+        return m.profile(forced_direct)
+
+
+def _probe(directory: str, forced_direct: bool | None, known: _Measured | None,
+           ) -> _Measured | None:
+    if known is None:
+        try:
+            rates: dict[int, float] = {}
+            for n in CANDIDATES:
+                rates[n] = measure_write(directory, n)
+                if choose_streams(rates) != n:
+                    break  # more streams did not help: more still will not
+        except OSError:
+            return None
+        n = choose_streams(rates)
+        known = _Measured(streams=n, write_bps=rates[n])
+    if forced_direct is False or known.direct_measured:
+        return known
+    try:
+        rate: float | None = measure_write(directory, DIRECT_STREAMS, direct=True)
+    except OSError:
+        rate = None  # the filesystem refuses O_DIRECT: buffered it is
+    return _Measured(known.streams, known.write_bps, rate, True)
+
+
+# --- one probe per filesystem and node, shared by the processes (ranks) there
+#
+# Ranks of a job start together: probing at once, each would measure the others'
+# writes and their choices could differ. A lock file serializes them; the first
+# probes, the rest read its result. Results older than this are measured afresh.
+_SHARED_TTL_S = 3600.0
+
+
+def _cache_dir() -> str:
+    env = os.environ.get("SHARDCKPT_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "shardckpt")
+
+
+def _shared_probe(directory: str, dev: int, forced_direct: bool | None,
+                  known: _Measured | None) -> _Measured | None:
+    try:
+        fsid = os.statvfs(directory).f_fsid
+        cache = os.path.join(_cache_dir(), f"probe-{dev:x}-{fsid:x}.json")
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        lock_fd = os.open(cache + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:  # no writable cache directory: this process probes for itself
+        return _probe(directory, forced_direct, known)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        shared = _read_shared(cache)
+        if shared is not None and (forced_direct is False or shared.direct_measured):
+            return shared
+        m = _probe(directory, forced_direct, shared or known)
+        if m is not None:
+            _write_shared(cache, m)
+        return m
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+def _read_shared(cache: str) -> _Measured | None:
+    try:
+        if time.time() - os.stat(cache).st_mtime > _SHARED_TTL_S:
+            return None
+        with open(cache) as f:
+            d = json.load(f)
+        m = _Measured(streams=int(d["streams"]), write_bps=float(d["write_bps"]),
+                      direct_bps=None if d["direct_bps"] is None else float(d["direct_bps"]),
+                      direct_measured=bool(d["direct_measured"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, stale or not ours: measure again
+    ok = (m.streams in CANDIDATES and m.write_bps > 0
+          and (m.direct_bps is None or m.direct_bps > 0))
+    return m if ok else None
+
+
+def _write_shared(cache: str, m: _Measured) -> None:
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(m), f)
+        os.replace(tmp, cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def forget() -> None:
-    """Drop remembered profiles (tests; a filesystem remounted on other hardware)."""
+    """Drop remembered profiles, this process's and the shared ones (tests; a filesystem
+    remounted on other hardware)."""
     with _lock:
-        _profiles.clear()
+        _measured.clear()
+        with contextlib.suppress(OSError):
+            for e in os.listdir(_cache_dir()):
+                if e.startswith("probe-") and e.endswith(".json"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(_cache_dir(), e))
