@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -219,7 +220,10 @@ def _shared_probe(directory: str, dev: int, forced_direct: bool | None,
                   known: _Measured | None) -> _Measured | None:
     try:
         fsid = os.statvfs(directory).f_fsid
-        cache = os.path.join(_cache_dir(), f"probe-{dev:x}-{fsid:x}.json")
+        # The host too: a home directory may be shared by nodes whose local disks
+        # have the same device numbers.
+        host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
+        cache = os.path.join(_cache_dir(), f"probe-{host}-{dev:x}-{fsid:x}.json")
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         lock_fd = os.open(cache + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:  # no writable cache directory: this process probes for itself
