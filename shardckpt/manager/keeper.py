@@ -229,10 +229,14 @@ class RootKeeper:
         self.drop_save_leases()
         deleted, retired = [], []
         try:
+            # One reading of who references whom for every drop and the sweep: on an
+            # object store each reading costs a listing and a GET per checkpoint.
+            refs = None
             for i in self.droppable(list_checkpoints(self.root)):
-                outcome = refcount.drop(self.root, i.name)
+                refs = refs or refcount.references(self.root)
+                outcome = refcount.drop(self.root, i.name, refs)
                 (deleted if outcome == "deleted" else retired if outcome else []).append(i.name)
-            deleted += refcount.sweep(self.root, self.protected())
+            deleted += refcount.sweep(self.root, self.protected(), refs)
         finally:
             if moved and not deleted and not is_url(self.root):
                 fsync_dir(self.root)

@@ -38,6 +38,13 @@ class References:
     def users_of(self, name: str) -> set[str]:
         return self.users.get(name, set()) - {name}
 
+    def forget(self, name: str) -> None:
+        """`name` is no longer live (retired or deleted): what it references, it no longer
+        holds alive (a retired checkpoint's users reference the holders directly)."""
+        for h in self.uses.pop(name, set()):
+            self.users.get(h, set()).discard(name)
+        self.unreadable.discard(name)
+
     def may_be_used(self, name: str) -> bool:
         """True unless it is known that no other live checkpoint references `name`."""
         return bool(self.users_of(name)) or bool(self.unreadable - {name})
@@ -102,8 +109,11 @@ def drop(root: str, name: str, refs: References | None = None) -> str | None:
             retire(root, name)
         except FileNotFoundError:
             return None
-        return "retired"
-    return "deleted" if delete_checkpoint(root, name) else None
+        outcome = "retired"
+    else:
+        outcome = "deleted" if delete_checkpoint(root, name) else None
+    refs.forget(name)  # a caller dropping several in turn keeps one References up to date
+    return outcome
 
 
 def sweep(root: str, protected: set[str] = frozenset(), refs: References | None = None,
