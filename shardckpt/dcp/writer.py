@@ -100,6 +100,9 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
+        # Bound to the bucket first: the base index and the overwrite check reach the
+        # store through the same options as the commit.
+        storage_for(self.path, self.storage_options)
         self._base_used = dedupe.choose_base(self.base, self.path, plans)
         if self.overwrite:
             refuse_overwrite_of_base(norm_path(self.path))

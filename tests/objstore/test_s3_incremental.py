@@ -122,6 +122,20 @@ def test_a_base_outside_the_prefix_is_a_typed_error_and_writes_nothing(bucket, t
         assert storage_for(f"{root}/step_2").state(f"{root}/step_2") == DirState.MISSING
 
 
+def test_incremental_save_with_storage_options_reaches_the_base_the_same_way(
+        bucket, s3_server, monkeypatch):
+    root = f"{bucket}/run"
+    shardckpt.save(_state(1.0), f"{root}/step_1", block_size=1 << 16)  # endpoint from env
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    opts = {"endpoint_url": s3_server.url}
+    inc = shardckpt.save(_state(2.0), f"{root}/step_2", base=f"{root}/step_1",
+                         block_size=1 << 16, storage_options=opts)
+    assert inc.bytes_written < 100_000
+    out = _empty()
+    shardckpt.load(out, f"{root}/step_2", storage_options=opts)
+    assert torch.equal(out["frozen"], _state(2.0)["frozen"])
+
+
 def test_fsspec_store_incremental(tmp_path):
     pytest.importorskip("fsspec")
     root = f"memory://shardckpt-{tmp_path.name}/run"
