@@ -61,6 +61,16 @@ def block_hashes(raw: memoryview, block_size: int, threads: int | None = None) -
     return [xxhash.xxh3_128_digest(raw[i:i + block_size]) for i in range(0, len(raw), block_size)]
 
 
+
+def hash_items(raws: list[memoryview], block_size: int,
+               threads: int | None = None) -> list[list[bytes]]:
+    """block_hashes of several items in one pass (codec.hash_buffers): the many small
+    tensors of a model are hashed together, not one call each."""
+    fn = getattr(codec, "hash_buffers", None)
+    if fn is not None:
+        return fn(raws, block_size, threads)
+    return [block_hashes(r, block_size, threads) for r in raws]
+
 def encode_and_hash(raw: memoryview, group: int, cfg: codec.CodecConfig,
                     threads: int | None) -> tuple[list[tuple[bytes, list]], list[bytes]]:
     """Encoded blocks and their hashes, in one pass over the bytes where the codec can."""
@@ -143,6 +153,19 @@ class BaseIndex:
         hit = self._by_hash.get((digest, raw_len, group)) if group > 1 else None
         return hit or self._by_hash.get((digest, raw_len, 0))
 
+    def hits(self, digests: list[bytes], nbytes: int, block_size: int,
+             group: int) -> list[Hit | None]:
+        """lookup() of every block of an item of `nbytes` raw bytes (all but the last
+        block are `block_size` long)."""
+        get = self._by_hash.get
+        last = len(digests) - 1
+        out: list[Hit | None] = []
+        for i, d in enumerate(digests):
+            n = block_size if i < last else nbytes - i * block_size
+            hit = get((d, n, group)) if group > 1 else None
+            out.append(hit or get((d, n, 0)))
+        return out
+
     def same_structure(self, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
                        objects: Iterable[str]) -> bool:
         """Whether a state of these tensors (key -> (dtype name, global shape)) and
@@ -218,20 +241,30 @@ def _encode(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | 
 
 
 def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | None,
-                index: BaseIndex | None, *, borrow: bool = False) -> Encoded:
+                index: BaseIndex | None, *, borrow: bool = False,
+                digests: list[bytes] | None = None,
+                hits: list[Hit | None] | None = None) -> Encoded:
     """Hash every block; encode only those the base does not hold. With `borrow`, raw
-    blocks are views of `raw` (see borrowed_blocks), not copies."""
+    blocks are views of `raw` (see borrowed_blocks), not copies. `digests` (the blocks'
+    hashes) and `hits` (index.hits of them) when the caller has them already."""
     if index is None:
         if borrow and cfg.compression == "none":
             own: list[tuple[Any, list]] = borrowed_blocks(raw, cfg.block_size)
-            digests = block_hashes(raw, cfg.block_size, threads)
-        else:
+            if digests is None:
+                digests = block_hashes(raw, cfg.block_size, threads)
+        elif digests is None:
             own, digests = encode_and_hash(raw, group, cfg, threads)
+        else:
+            own = _encode(raw, group, cfg, threads, borrow)
         return Encoded(own, [r for _, r in own], [d.hex() for d in digests], [])
     bs = cfg.block_size
     n = len(raw)
-    digests = block_hashes(raw, bs, threads)
-    hits = [index.lookup(d, min(bs, n - i * bs), group) for i, d in enumerate(digests)]
+    if digests is None:
+        digests = block_hashes(raw, bs, threads)
+    if hits is None:
+        hits = index.hits(digests, n, bs, group)
+    if None not in hits:
+        return referenced(digests, hits)
     records: list[list] = [h.record if h is not None else [] for h in hits]
     own = []
     i = 0
@@ -251,6 +284,25 @@ def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: in
         i = j
     locs = [None if h is None else (h.base, h.file, h.offset) for h in hits]
     return Encoded(own, records, [d.hex() for d in digests], runs_of(locs, records))
+
+
+def referenced(digests: list[bytes], hits: list[Hit]) -> Encoded:
+    """An item whose every block the base holds (each proven by its content hash):
+    nothing to encode or write, only references, as few as the blocks' places allow."""
+    records = [h.record for h in hits]
+    h0 = hits[0] if hits else None
+    if h0 is not None and all(h.base == h0.base and h.file == h0.file for h in hits):
+        # The common case, one run: the blocks lie back to back in one base file.
+        end = h0.offset
+        for h, rec in zip(hits, records):
+            if h.offset != end:
+                break
+            end += rec[0]
+        else:
+            return Encoded([], records, [d.hex() for d in digests],
+                           [Ref(0, len(hits), h0.base, h0.file, h0.offset)])
+    locs = [(h.base, h.file, h.offset) for h in hits]
+    return Encoded([], records, [d.hex() for d in digests], runs_of(locs, records))
 
 
 def index_for(base: str | os.PathLike | None, target: str) -> BaseIndex | None:
