@@ -82,6 +82,7 @@ class ShardWriter(StorageWriter):
         self._plans: list[SavePlan] = []
         self._expected: dict[int, int | None] = {}
         self._commit: CheckpointWrite | None = None
+        self._base_index: dedupe.BaseIndex | None = None  # the coordinator's choice
 
     # -- StorageWriter protocol
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -106,7 +107,8 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.path is None:
             raise ValueError("ShardWriter needs a path (or dcp.save(checkpoint_id=...))")
-        self._base_used = dedupe.choose_base(self.base, self.path, plans)
+        self._base_index = dedupe.choose_base(self.base, self.path, plans)
+        self._base_used = None if self._base_index is None else self._base_index.base
         self._commit = storage_for(self.path, self.storage_options).begin_commit(
             self.path, overwrite=self.overwrite, save_id=self.save_id, world_size=len(plans))
         c = self._commit
@@ -145,7 +147,10 @@ class ShardWriter(StorageWriter):
 
         path = join(info.staging, rel)
         sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
-        index = self._index = dedupe.index_for(info.base, self.path)
+        # The coordinator's own rank dedupes with the index it chose the base by.
+        chosen = self._base_index
+        index = self._index = (chosen if chosen is not None and chosen.base == info.base
+                               else dedupe.index_for(info.base, self.path))
         # borrow: the state (or an async save's staging copy) outlives this call and DCP
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,

@@ -179,6 +179,8 @@ class DataFileWriter:
         self._active = 0  # encoder threads busy now (to share CPU time between items)
         self._active_lock = threading.Lock()
         self._q: queue.Queue = queue.Queue()
+        self._pending: list[tuple[Any, int]] = []  # (stored bytes, crc32) not handed over yet
+        self._pending_bytes = 0
         self._budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // cfg.block_size))
         self._err: list[BaseException] = []
         self._closed = False
@@ -190,9 +192,13 @@ class DataFileWriter:
             job = self._q.get()
             if job is None:
                 return
-            blob, crc = job
             try:
                 if not self._err:
+                    if len(job) == 1:
+                        blob, crc = job[0]
+                    else:  # small blocks, written (and checksummed) as one
+                        blob = b"".join(b for b, _ in job)
+                        crc = codec.crc32(blob)
                     t0 = time.perf_counter()
                     self.sink.write(memoryview(blob))
                     if self.policy is not None:
@@ -276,18 +282,31 @@ class DataFileWriter:
 
     def _queue(self, enc: Encoded, nbytes: int) -> StoredItem:
         offset = self._queued
-        recs = []
-        for stored, rec in enc.own:
-            self._budget.acquire()
-            if self._err:
-                raise self._error()
-            self._q.put((stored, rec[2]))  # rec[2]: the block's crc32 of its stored bytes
-            self._queued += len(stored)
-            recs.append(rec)
+        bs = self.cfg.block_size
+        for stored, rec in enc.own:  # rec[2]: the block's crc32 of its stored bytes
+            n = len(stored)
+            if self._pending_bytes + n > bs:
+                self._flush()
+            self._pending.append((stored, rec[2]))
+            self._pending_bytes += n
+            self._queued += n
+        if self._pending_bytes * 2 > bs:
+            self._flush()
         self.raw_bytes += nbytes
-        return enc.stored_item(StoredItem(file=self.rel, offset=offset,
-                                          length=self._queued - offset, nbytes=nbytes,
-                                          blocks=tuple(recs)))
+        return enc.stored_item(self.rel, offset, self._queued - offset, nbytes)
+
+    def _flush(self) -> None:
+        """Hand the blocks queued so far to the writer thread as one job: at most a block's
+        worth of bytes (the write budget counts jobs), so many small items wake the
+        writer, and take the GIL from the encoder, once, not once each."""
+        if not self._pending:
+            return
+        self._budget.acquire()
+        if self._err:
+            raise self._error()
+        self._q.put(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
 
     def codec_summary(self) -> dict:
         """What the compression policy did, for the manifest's codec settings."""
@@ -298,11 +317,16 @@ class DataFileWriter:
         if self._closed:
             return
         self._closed = True
+        flush_error: BaseException | None = None
+        try:
+            self._flush()
+        except BaseException as e:  # noqa: BLE001 - raised below, once the writer stopped
+            flush_error = e
         self._q.put(None)
         self._th.join()
-        if self._err:
+        if self._err or flush_error is not None:
             self.sink.abort()
-            raise self._error()
+            raise self._error() if self._err else flush_error
         try:
             self.sink.close()
         except BaseException as e:

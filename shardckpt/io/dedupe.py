@@ -14,14 +14,14 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .. import codec
 from ..errors import InvalidBaseError
 from ..format import FileEntry, Manifest, StoredItem
 from ..format.blocks import MODE_GROUPED, MODE_RAW
-from ..format.refs import Ref, RefBlock, base_name, base_ref, runs_of
+from ..format.refs import Ref, base_name, base_ref, runs_of
 
 log = logging.getLogger("shardckpt")
 
@@ -97,6 +97,27 @@ def _layout(rec: list) -> int:
     return len(rec[4]) if rec[3] == MODE_GROUPED else 0
 
 
+def _places(item: StoredItem, own: str) -> list[tuple[str, str, int]]:
+    """(holder, file, offset) of each block of `item`: what item.block_list() says, without
+    building the blocks (an index is built for every incremental save)."""
+    recs = item.blocks
+    at: dict[int, tuple[str, str, int]] = {}
+    for r in item.refs:
+        pos = r.offset
+        for i in range(r.first, r.first + r.count):
+            at[i] = (r.base, r.file, pos)
+            pos += recs[i][0]
+    out = []
+    off = item.offset
+    for i, rec in enumerate(recs):
+        p = at.get(i)
+        if p is None:
+            p = (own, item.file, off)
+            off += rec[0]
+        out.append(p)
+    return out
+
+
 class BaseIndex:
     """The blocks of a base checkpoint by content, for a save to `target` (a sibling)."""
 
@@ -118,12 +139,13 @@ class BaseIndex:
         for item in manifest_items(self.manifest):
             if not item.hashes:
                 continue  # written before format 3: nothing to match it by
-            for b, h in zip(item.block_list(), item.hashes):
-                holder, rel = (b.base, b.file) if isinstance(b, RefBlock) else (own, item.file)
+            for (holder, rel, offset), rec, h in zip(_places(item, own), item.blocks,
+                                                     item.hashes):
                 if holder not in self.holders:
                     continue
-                key = (bytes.fromhex(h), b.raw_len, _layout(b.record))
-                self._by_hash.setdefault(key, Hit(holder, rel, b.offset, b.record))
+                key = (bytes.fromhex(h), rec[1], _layout(rec))
+                if key not in self._by_hash:
+                    self._by_hash[key] = Hit(holder, rel, offset, rec)
 
     @classmethod
     def open(cls, base: str | os.PathLike, target: str | os.PathLike) -> BaseIndex:
@@ -215,10 +237,11 @@ class Encoded:
     hashes: list[str]
     refs: list[Ref]
 
-    def stored_item(self, written: StoredItem) -> StoredItem:
-        """The item record of `written` (its own blocks) completed with the references."""
-        return replace(written, blocks=tuple(self.records), hashes=tuple(self.hashes),
-                       refs=tuple(self.refs))
+    def stored_item(self, file: str, offset: int, length: int, nbytes: int) -> StoredItem:
+        """The item record: its own blocks, `length` bytes from `offset` of `file`, and the
+        references."""
+        return StoredItem(file, offset, length, nbytes, tuple(self.records), tuple(self.hashes),
+                          tuple(self.refs))
 
 
 def borrowed_blocks(raw: memoryview, block_size: int) -> list[tuple[memoryview, list]]:
@@ -330,9 +353,10 @@ def plan_structure(plans: Iterable[Any]) -> tuple[dict[str, tuple[str, tuple[int
     return tensors, objects
 
 
-def choose_base(base: str | os.PathLike | None, target: str, plans: list[Any]) -> str | None:
-    """Coordinator: the base every rank dedupes against, or None for a full save (no base
-    asked for, or the state's structure differs from the base's)."""
+def choose_base(base: str | os.PathLike | None, target: str,
+                plans: list[Any]) -> BaseIndex | None:
+    """Coordinator: the index of the base every rank dedupes against, or None for a full
+    save (no base asked for, or the state's structure differs from the base's)."""
     if base is None:
         return None
     index = BaseIndex.open(base, target)
@@ -341,7 +365,7 @@ def choose_base(base: str | os.PathLike | None, target: str, plans: list[Any]) -
         log.info("shardckpt: %s: the state's keys, shapes or dtypes differ from base %s; "
                  "writing a full checkpoint", target, index.base)
         return None
-    return index.base
+    return index
 
 
 def holder_names(m: Manifest) -> set[str]:
