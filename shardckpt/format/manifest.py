@@ -256,20 +256,22 @@ class Manifest:
         return d
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON with a checksum of everything else (format version >= 2).
+        """JSON of to_json() with a checksum of the canonical JSON of everything else
+        (format version >= 2).
 
-        The same bytes as json.dumps of to_json() plus the checksum, assembled from
-        each tensor's JSON text, which is kept from one save to the next while the
-        entry stays equal (an incremental save's unchanged tensors: most of them)."""
+        Assembled from each tensor's canonical text, which is kept from one save to the
+        next while the entry stays equal (an incremental save's unchanged tensors: most
+        of them). The file lists the tensors in the state's order; within an entry the
+        fields are in canonical (sorted) order."""
         d = self._json_shell()
-        tensors = [(k, _entry_texts(k, t)) for k, t in self.tensors.items()]
+        tensors = [(k, _entry_text(k, t)) for k, t in self.tensors.items()]
 
         def dump(sort: bool) -> str:
             parts = []
             for k, v in (sorted(d.items()) if sort else d.items()):
                 if k == "tensors":
                     rows = sorted(tensors) if sort else tensors
-                    text = "{" + ",".join(f"{_key(n)}:{t[sort]}" for n, t in rows) + "}"
+                    text = "{" + ",".join(f"{_key(n)}:{t}" for n, t in rows) + "}"
                 else:
                     text = json.dumps(v, sort_keys=sort, separators=(",", ":"),
                                       allow_nan=False)
@@ -362,23 +364,26 @@ def _parse_bases(v: Any) -> dict[str, dict[str, FileEntry]]:
     return out
 
 
-# The JSON texts (as written, sorted) of tensor entries by key, with the entry they are
-# of: reused only for an equal entry. Bounded; a miss only costs the serialization.
-_TEXTS: dict[str, tuple[TensorEntry, tuple[str, str]]] = {}
-_TEXTS_MAX = 1 << 16
+# The canonical JSON texts of tensor entries by key, with the entry each is of: reused
+# only for an equal entry. A few entries per key (saves of one state to two roots
+# alternate); bounded; a miss only costs the serialization.
+_TEXTS: dict[str, list[tuple[TensorEntry, str]]] = {}
+_TEXTS_MAX, _TEXTS_PER_KEY = 1 << 16, 2
 
 
-def _entry_texts(key: str, entry: TensorEntry) -> tuple[str, str]:
-    hit = _TEXTS.get(key)
-    if hit is not None and hit[0] == entry:
-        return hit[1]
-    j = entry.to_json()
-    texts = (json.dumps(j, separators=(",", ":"), allow_nan=False),
-             json.dumps(j, sort_keys=True, separators=(",", ":"), allow_nan=False))
-    if len(_TEXTS) >= _TEXTS_MAX:
-        _TEXTS.clear()
-    _TEXTS[key] = (entry, texts)
-    return texts
+def _entry_text(key: str, entry: TensorEntry) -> str:
+    kept = _TEXTS.get(key)
+    if kept is None:
+        if len(_TEXTS) >= _TEXTS_MAX:
+            _TEXTS.clear()
+        kept = _TEXTS[key] = []
+    for e, text in kept:
+        if e == entry:
+            return text
+    text = json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    kept.insert(0, (entry, text))
+    del kept[_TEXTS_PER_KEY:]
+    return text
 
 
 def _key(k: str) -> str:
