@@ -312,6 +312,10 @@ class DataFileWriter:
         if self._pending_bytes * 2 > bs:
             self._flush()
         self.raw_bytes += nbytes
+        if not enc.own and enc.refs:
+            # Nothing of it in this file: where it "starts" is no place at all, and a fixed
+            # 0 keeps the record equal from one save to the next (its text is reused).
+            return enc.stored_item(self.rel, 0, 0, nbytes)
         return enc.stored_item(self.rel, offset, self._queued - offset, nbytes)
 
     def _flush(self) -> None:
