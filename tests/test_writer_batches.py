@@ -36,9 +36,15 @@ def test_small_and_large_items_mixed_keep_file_bytes_and_crc(tmp_path, compressi
     assert shardckpt.verify(path, deep=True).ok
 
 
-def test_blocks_land_in_order_at_their_offsets(tmp_path):
-    cfg = codec.CodecConfig(compression="none", block_size=1024)
-    blobs = [os.urandom(n) for n in (10, 1024, 3000, 1, 700, 700, 5000, 33)]
+@pytest.mark.parametrize("block_size, sizes", [
+    (1024, (10, 1024, 3000, 1, 700, 700, 5000, 33)),
+    (1 << 20, (10, 70_000, 3, 5, 200_000, 65_536, 65_537, 1, 900_000, 2)),
+    (1 << 20, (100_000, 7)),
+    (1 << 20, (7, 100_000)),
+])
+def test_blocks_land_in_order_at_their_offsets(tmp_path, block_size, sizes):
+    cfg = codec.CodecConfig(compression="none", block_size=block_size)
+    blobs = [os.urandom(n) for n in sizes]
     path = str(tmp_path / "f.bin")
     with DataFileWriter(path, "f.bin", cfg) as w:
         items = [w.append(memoryview(b), 1) for b in blobs]

@@ -155,6 +155,30 @@ def _with_digests(batch: list[tuple[memoryview, int]],
         yield raw, group, d
 
 
+# Blocks up to this size are joined into one write (and checksummed once) by the writer
+# thread; larger ones are written as they are (no copy).
+_JOIN_BYTES = 64 << 10
+
+
+def _coalesced(job: list[tuple[Any, int]]) -> Iterator[tuple[Any, int]]:
+    """(bytes, crc32) of a job's blocks in order, runs of small ones joined into one."""
+    run: list[Any] = []
+    for blob, crc in job:
+        if len(blob) <= _JOIN_BYTES:
+            run.append(blob)
+            continue
+        if run:
+            joined = b"".join(run)
+            yield joined, codec.crc32(joined)
+            run = []
+        yield blob, crc
+    if len(run) == 1:
+        yield run[0], job[-1][1]
+    elif run:
+        joined = b"".join(run)
+        yield joined, codec.crc32(joined)
+
+
 def _result(job: Future_ | Encoded) -> Encoded:
     return job if isinstance(job, Encoded) else job.result()
 
@@ -212,12 +236,9 @@ class DataFileWriter:
             if job is None:
                 return
             try:
-                if not self._err:
-                    if len(job) == 1:
-                        blob, crc = job[0]
-                    else:  # small blocks, written (and checksummed) as one
-                        blob = b"".join(b for b, _ in job)
-                        crc = codec.crc32(blob)
+                for blob, crc in _coalesced(job):
+                    if self._err:
+                        break
                     t0 = time.perf_counter()
                     self.sink.write(memoryview(blob))
                     if self.policy is not None:
