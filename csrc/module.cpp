@@ -69,6 +69,11 @@ constexpr size_t kSaturated = static_cast<size_t>(-1);
 // a + b, or kSaturated if that does not fit in a size_t.
 size_t sat_add(size_t a, size_t b) { return b > kSaturated - a ? kSaturated : a + b; }
 
+// Below 64 KiB of input, dropping and taking back the GIL costs more than it frees:
+// with other Python threads running (a save's encoders and writer), each release of
+// a tiny encode or hash is a hand-off of the GIL and a wait to get it back.
+bool keep_gil(size_t nbytes) { return nbytes < (64u << 10); }
+
 bool check_group(int group) {
   if (group < 1 || group > shardckpt::kMaxGroup) {
     PyErr_Format(PyExc_ValueError, "group must be in 1..%d, not %d", shardckpt::kMaxGroup, group);
@@ -223,7 +228,7 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
   std::vector<uint8_t> digests(want_hashes ? nblocks * shardckpt::kHashSize : 0);
   const uint8_t* src = raw.data();
   std::string pool_err;
-  Py_BEGIN_ALLOW_THREADS
+  PyThreadState* ts = keep_gil(n) ? nullptr : PyEval_SaveThread();
   try {
     shardckpt::ThreadPool::instance().parallel_for(nblocks, threads, [&](size_t i) {
       const size_t len = std::min(bs, n - i * bs);
@@ -238,7 +243,7 @@ PyObject* py_encode_blocks(PyObject*, PyObject* args) {
   } catch (const std::exception& e) {
     pool_err = e.what();
   }
-  Py_END_ALLOW_THREADS
+  if (ts != nullptr) PyEval_RestoreThread(ts);
   if (!pool_err.empty()) {
     release_outs();
     PyErr_SetString(PyExc_RuntimeError, pool_err.c_str());
@@ -294,7 +299,7 @@ PyObject* py_hash_buffer(PyObject*, PyObject* args) {
   std::vector<uint8_t> digests(nblocks * shardckpt::kHashSize);
   const uint8_t* src = raw.data();
   std::string pool_err;
-  Py_BEGIN_ALLOW_THREADS
+  PyThreadState* ts = keep_gil(n) ? nullptr : PyEval_SaveThread();
   try {
     shardckpt::ThreadPool::instance().parallel_for(nblocks, threads, [&](size_t i) {
       shardckpt::block_hash(src + i * bs, std::min(bs, n - i * bs),
@@ -303,7 +308,7 @@ PyObject* py_hash_buffer(PyObject*, PyObject* args) {
   } catch (const std::exception& e) {
     pool_err = e.what();
   }
-  Py_END_ALLOW_THREADS
+  if (ts != nullptr) PyEval_RestoreThread(ts);
   if (!pool_err.empty()) {
     PyErr_SetString(PyExc_RuntimeError, pool_err.c_str());
     return nullptr;
@@ -312,6 +317,62 @@ PyObject* py_hash_buffer(PyObject*, PyObject* args) {
   if (result == nullptr) return nullptr;
   if (!append_digests(result, digests, nblocks)) {
     Py_DECREF(result);
+    return nullptr;
+  }
+  return result;
+}
+
+// hash_buffer over several buffers in one call: every block of every buffer on
+// the pool at once, with the GIL released once (an incremental save hashes many
+// small tensors; one call each would pay the GIL hand-off per tensor).
+PyObject* py_hash_buffers(PyObject*, PyObject* args) {
+  PyObject* seq_obj;
+  Py_ssize_t block_size;
+  int threads;
+  if (!PyArg_ParseTuple(args, "Oni:hash_buffers", &seq_obj, &block_size, &threads)) {
+    return nullptr;
+  }
+  if (block_size <= 0) return PyErr_Format(PyExc_ValueError, "block_size must be > 0");
+  PyObject* seq = PySequence_Fast(seq_obj, "hash_buffers needs a sequence of buffers");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+  std::vector<Buffer> bufs(static_cast<size_t>(count));
+  const size_t bs = static_cast<size_t>(block_size);
+  struct Span {
+    const uint8_t* src;
+    size_t len;
+  };
+  std::vector<Span> spans;
+  size_t total = 0;
+  for (Py_ssize_t k = 0; k < count; ++k) {
+    if (!get_buffer(PySequence_Fast_GET_ITEM(seq, k), &bufs[static_cast<size_t>(k)], false)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    const Buffer& b = bufs[static_cast<size_t>(k)];
+    total += b.size();
+    for (size_t off = 0; off < b.size(); off += bs) {
+      spans.push_back({b.data() + off, std::min(bs, b.size() - off)});
+    }
+  }
+  Py_DECREF(seq);  // the buffers stay held by `bufs`
+  PyObject* result = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(
+      spans.size() * shardckpt::kHashSize));
+  if (result == nullptr) return nullptr;
+  uint8_t* out = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(result));
+  std::string pool_err;
+  PyThreadState* ts = keep_gil(total) ? nullptr : PyEval_SaveThread();
+  try {
+    shardckpt::ThreadPool::instance().parallel_for(spans.size(), threads, [&](size_t i) {
+      shardckpt::block_hash(spans[i].src, spans[i].len, out + i * shardckpt::kHashSize);
+    });
+  } catch (const std::exception& e) {
+    pool_err = e.what();
+  }
+  if (ts != nullptr) PyEval_RestoreThread(ts);
+  if (!pool_err.empty()) {
+    Py_DECREF(result);
+    PyErr_SetString(PyExc_RuntimeError, pool_err.c_str());
     return nullptr;
   }
   return result;
@@ -448,6 +509,9 @@ PyMethodDef kMethods[] = {
      " digest of the raw bytes appended, in block order"},
     {"hash_buffer", py_hash_buffer, METH_VARARGS,
      "hash_buffer(raw, block_size, threads) -> [16-byte XXH3-128 digest of each block]"},
+    {"hash_buffers", py_hash_buffers, METH_VARARGS,
+     "hash_buffers(buffers, block_size, threads) -> bytes: the 16-byte XXH3-128 digests of"
+     " every block of every buffer, back to back in order (an empty buffer has no block)"},
     {"decode_blocks", py_decode_blocks, METH_VARARGS,
      "decode_blocks(stored, records, out, threads, verify_crc) -> None; blocks lie back to back"
      " in stored and in out; raises ValueError with .block_index and .reason"},

@@ -47,7 +47,7 @@ _warned = False
 __all__ = [
     "CodecConfig", "active_path", "native_available", "encode_block", "decode_block",
     "py_encode_block", "py_decode_block", "check_block", "encode_buffer", "decode_item_blocks",
-    "hash_buffer", "HASH_SIZE", "crc32",
+    "hash_buffer", "hash_buffers", "HASH_SIZE", "crc32",
     "default_threads", "blocking_threads", "pool", "item_pool", "lower_thread_priority",
 ]
 
@@ -152,6 +152,26 @@ def hash_buffer(raw: memoryview, block_size: int, threads: int | None = None) ->
         return [xxhash.xxh3_128_digest(s) for s in spans]
     # xxhash releases the GIL for large inputs, so threads help.
     return list(pool(threads).map(xxhash.xxh3_128_digest, spans))
+
+
+
+def hash_buffers(raws: list[memoryview], block_size: int,
+                 threads: int | None = None) -> list[list[bytes]]:
+    """hash_buffer of each of several buffers, in one pass: every block of every buffer
+    is hashed in parallel (one GIL release for all of them, not one per buffer)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, not {block_size}")
+    native = active_path() == "native" and getattr(_native, "hash_buffers", None)
+    if not native:
+        return [hash_buffer(r, block_size, threads) if len(r) > block_size
+                else [xxhash.xxh3_128_digest(r)] if len(r) else [] for r in raws]
+    flat = native(raws, block_size, threads or default_threads())
+    out, pos = [], 0
+    for r in raws:
+        end = pos + -(-len(r) // block_size) * HASH_SIZE
+        out.append([flat[i:i + HASH_SIZE] for i in range(pos, end, HASH_SIZE)])
+        pos = end
+    return out
 
 
 def _corrupt(path: str, rank: int | None, tensor: str, index: int, what: str) -> CorruptCheckpointError:

@@ -76,6 +76,7 @@ class ShardWriter(StorageWriter):
         self._plans: list[SavePlan] = []
         self._expected: dict[int, int | None] = {}
         self._commit: CheckpointWrite | None = None
+        self._base_index: dedupe.BaseIndex | None = None  # the coordinator's choice
 
     # -- StorageWriter protocol
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -103,7 +104,8 @@ class ShardWriter(StorageWriter):
         # Bound to the bucket first: the base index and the overwrite check reach the
         # store through the same options as the commit.
         storage_for(self.path, self.storage_options)
-        self._base_used = dedupe.choose_base(self.base, self.path, plans)
+        self._base_index = dedupe.choose_base(self.base, self.path, plans)
+        self._base_used = None if self._base_index is None else self._base_index.base
         if self.overwrite:
             refuse_overwrite_of_base(norm_path(self.path))
         self._commit = storage_for(self.path, self.storage_options).begin_commit(
@@ -144,7 +146,10 @@ class ShardWriter(StorageWriter):
 
         path = join(info.staging, rel)
         sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
-        index = self._index = dedupe.index_for(info.base, self.path)
+        # The coordinator's own rank dedupes with the index it chose the base by.
+        chosen = self._base_index
+        index = self._index = (chosen if chosen is not None and chosen.base == info.base
+                               else dedupe.index_for(info.base, self.path))
         # borrow: the state (or an async save's staging copy) outlives this call and DCP
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,

@@ -251,23 +251,50 @@ class Manifest:
     # ---------------------------------------------------------------- JSON
 
     def to_json(self) -> dict:
+        d = self._json_shell()
+        d["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
+        return d
+
+    def to_bytes(self) -> bytes:
+        """JSON of to_json() with a checksum of the canonical JSON of everything else
+        (format version >= 2).
+
+        Assembled from each tensor's canonical text, which is kept from one save to the
+        next while the entry stays equal (an incremental save's unchanged tensors: most
+        of them). The file lists the tensors in the state's order; within an entry the
+        fields are in canonical (sorted) order."""
+        d = self._json_shell()
+        tensors = [(k, _entry_text(k, t)) for k, t in self.tensors.items()]
+
+        def dump(sort: bool) -> str:
+            parts = []
+            for k, v in (sorted(d.items()) if sort else d.items()):
+                if k == "tensors":
+                    rows = sorted(tensors) if sort else tensors
+                    text = "{" + ",".join(f"{_key(n)}:{t}" for n, t in rows) + "}"
+                else:
+                    text = json.dumps(v, sort_keys=sort, separators=(",", ":"),
+                                      allow_nan=False)
+                parts.append(f"{_key(k)}:{text}")
+            return "{" + ",".join(parts) + "}"
+
+        checksum = "sha256:" + hashlib.sha256(dump(True).encode()).hexdigest()
+        d[CHECKSUM_FIELD] = checksum
+        return dump(False).encode()
+
+    def _json_shell(self) -> dict:
+        """to_json() with `tensors` left empty, in its place."""
         return {
             "format": FORMAT_NAME, "format_version": self.format_version,
             "created": self.created, "created_unix": self.created_unix,
             "world_size": self.world_size, "versions": self.versions, "codec": self.codec,
             "files": {k: v.to_json() for k, v in self.files.items()},
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
+            "tensors": {},
             "objects": {k: v.to_json() for k, v in self.objects.items()},
             "planner_data": self.planner_data, "user_metadata": self.user_metadata,
             "bases": {b: {"files": {k: v.to_json() for k, v in fs.items()}}
                       for b, fs in self.bases.items()},
         }
-
-    def to_bytes(self) -> bytes:
-        """Canonical JSON with a checksum of everything else (format version >= 2)."""
-        d = self.to_json()
-        d[CHECKSUM_FIELD] = content_checksum(d)
-        return json.dumps(d, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, d: Any, *, path: str = "manifest.json") -> Manifest:
@@ -335,6 +362,32 @@ def _parse_bases(v: Any) -> dict[str, dict[str, FileEntry]]:
             files[rel] = FileEntry.from_json(fe, f"{w}.files[{rel!r}]")
         out[ref] = files
     return out
+
+
+# The canonical JSON texts of tensor entries by key, with the entry each is of: reused
+# only for an equal entry. A few entries per key (saves of one state to two roots
+# alternate); bounded; a miss only costs the serialization.
+_TEXTS: dict[str, list[tuple[TensorEntry, str]]] = {}
+_TEXTS_MAX, _TEXTS_PER_KEY = 1 << 16, 2
+
+
+def _entry_text(key: str, entry: TensorEntry) -> str:
+    kept = _TEXTS.get(key)
+    if kept is None:
+        if len(_TEXTS) >= _TEXTS_MAX:
+            _TEXTS.clear()
+        kept = _TEXTS[key] = []
+    for e, text in kept:
+        if e == entry:
+            return text
+    text = json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    kept.insert(0, (entry, text))
+    del kept[_TEXTS_PER_KEY:]
+    return text
+
+
+def _key(k: str) -> str:
+    return json.dumps(k)
 
 
 def content_checksum(d: dict) -> str:

@@ -14,14 +14,14 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .. import codec
 from ..errors import InvalidBaseError
 from ..format import FileEntry, Manifest, StoredItem
 from ..format.blocks import MODE_GROUPED, MODE_RAW
-from ..format.refs import Ref, RefBlock, base_name, base_ref, runs_of
+from ..format.refs import Ref, base_name, base_ref, runs_of
 from .storage import is_url, norm_path, split_path
 
 log = logging.getLogger("shardckpt")
@@ -62,6 +62,16 @@ def block_hashes(raw: memoryview, block_size: int, threads: int | None = None) -
     return [xxhash.xxh3_128_digest(raw[i:i + block_size]) for i in range(0, len(raw), block_size)]
 
 
+
+def hash_items(raws: list[memoryview], block_size: int,
+               threads: int | None = None) -> list[list[bytes]]:
+    """block_hashes of several items in one pass (codec.hash_buffers): the many small
+    tensors of a model are hashed together, not one call each."""
+    fn = getattr(codec, "hash_buffers", None)
+    if fn is not None:
+        return fn(raws, block_size, threads)
+    return [block_hashes(r, block_size, threads) for r in raws]
+
 def encode_and_hash(raw: memoryview, group: int, cfg: codec.CodecConfig,
                     threads: int | None) -> tuple[list[tuple[bytes, list]], list[bytes]]:
     """Encoded blocks and their hashes, in one pass over the bytes where the codec can."""
@@ -88,6 +98,27 @@ def _layout(rec: list) -> int:
     return len(rec[4]) if rec[3] == MODE_GROUPED else 0
 
 
+def _places(item: StoredItem, own: str) -> list[tuple[str, str, int]]:
+    """(holder, file, offset) of each block of `item`: what item.block_list() says, without
+    building the blocks (an index is built for every incremental save)."""
+    recs = item.blocks
+    at: dict[int, tuple[str, str, int]] = {}
+    for r in item.refs:
+        pos = r.offset
+        for i in range(r.first, r.first + r.count):
+            at[i] = (r.base, r.file, pos)
+            pos += recs[i][0]
+    out = []
+    off = item.offset
+    for i, rec in enumerate(recs):
+        p = at.get(i)
+        if p is None:
+            p = (own, item.file, off)
+            off += rec[0]
+        out.append(p)
+    return out
+
+
 class BaseIndex:
     """The blocks of a base checkpoint by content, for a save to `target` (a sibling)."""
 
@@ -109,12 +140,13 @@ class BaseIndex:
         for item in manifest_items(self.manifest):
             if not item.hashes:
                 continue  # written before format 3: nothing to match it by
-            for b, h in zip(item.block_list(), item.hashes):
-                holder, rel = (b.base, b.file) if isinstance(b, RefBlock) else (own, item.file)
+            for (holder, rel, offset), rec, h in zip(_places(item, own), item.blocks,
+                                                     item.hashes):
                 if holder not in self.holders:
                     continue
-                key = (bytes.fromhex(h), b.raw_len, _layout(b.record))
-                self._by_hash.setdefault(key, Hit(holder, rel, b.offset, b.record))
+                key = (bytes.fromhex(h), rec[1], _layout(rec))
+                if key not in self._by_hash:
+                    self._by_hash[key] = Hit(holder, rel, offset, rec)
 
     @classmethod
     def open(cls, base: str | os.PathLike, target: str | os.PathLike) -> BaseIndex:
@@ -143,6 +175,19 @@ class BaseIndex:
     def lookup(self, digest: bytes, raw_len: int, group: int) -> Hit | None:
         hit = self._by_hash.get((digest, raw_len, group)) if group > 1 else None
         return hit or self._by_hash.get((digest, raw_len, 0))
+
+    def hits(self, digests: list[bytes], nbytes: int, block_size: int,
+             group: int) -> list[Hit | None]:
+        """lookup() of every block of an item of `nbytes` raw bytes (all but the last
+        block are `block_size` long)."""
+        get = self._by_hash.get
+        last = len(digests) - 1
+        out: list[Hit | None] = []
+        for i, d in enumerate(digests):
+            n = block_size if i < last else nbytes - i * block_size
+            hit = get((d, n, group)) if group > 1 else None
+            out.append(hit or get((d, n, 0)))
+        return out
 
     def same_structure(self, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
                        objects: Iterable[str]) -> bool:
@@ -196,10 +241,11 @@ class Encoded:
     hashes: list[str]
     refs: list[Ref]
 
-    def stored_item(self, written: StoredItem) -> StoredItem:
-        """The item record of `written` (its own blocks) completed with the references."""
-        return replace(written, blocks=tuple(self.records), hashes=tuple(self.hashes),
-                       refs=tuple(self.refs))
+    def stored_item(self, file: str, offset: int, length: int, nbytes: int) -> StoredItem:
+        """The item record: its own blocks, `length` bytes from `offset` of `file`, and the
+        references."""
+        return StoredItem(file, offset, length, nbytes, tuple(self.records), tuple(self.hashes),
+                          tuple(self.refs))
 
 
 def borrowed_blocks(raw: memoryview, block_size: int) -> list[tuple[memoryview, list]]:
@@ -222,20 +268,30 @@ def _encode(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | 
 
 
 def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: int | None,
-                index: BaseIndex | None, *, borrow: bool = False) -> Encoded:
+                index: BaseIndex | None, *, borrow: bool = False,
+                digests: list[bytes] | None = None,
+                hits: list[Hit | None] | None = None) -> Encoded:
     """Hash every block; encode only those the base does not hold. With `borrow`, raw
-    blocks are views of `raw` (see borrowed_blocks), not copies."""
+    blocks are views of `raw` (see borrowed_blocks), not copies. `digests` (the blocks'
+    hashes) and `hits` (index.hits of them) when the caller has them already."""
     if index is None:
         if borrow and cfg.compression == "none":
             own: list[tuple[Any, list]] = borrowed_blocks(raw, cfg.block_size)
-            digests = block_hashes(raw, cfg.block_size, threads)
-        else:
+            if digests is None:
+                digests = block_hashes(raw, cfg.block_size, threads)
+        elif digests is None:
             own, digests = encode_and_hash(raw, group, cfg, threads)
+        else:
+            own = _encode(raw, group, cfg, threads, borrow)
         return Encoded(own, [r for _, r in own], [d.hex() for d in digests], [])
     bs = cfg.block_size
     n = len(raw)
-    digests = block_hashes(raw, bs, threads)
-    hits = [index.lookup(d, min(bs, n - i * bs), group) for i, d in enumerate(digests)]
+    if digests is None:
+        digests = block_hashes(raw, bs, threads)
+    if hits is None:
+        hits = index.hits(digests, n, bs, group)
+    if None not in hits:
+        return referenced(digests, hits)
     records: list[list] = [h.record if h is not None else [] for h in hits]
     own = []
     i = 0
@@ -255,6 +311,25 @@ def encode_item(raw: memoryview, group: int, cfg: codec.CodecConfig, threads: in
         i = j
     locs = [None if h is None else (h.base, h.file, h.offset) for h in hits]
     return Encoded(own, records, [d.hex() for d in digests], runs_of(locs, records))
+
+
+def referenced(digests: list[bytes], hits: list[Hit]) -> Encoded:
+    """An item whose every block the base holds (each proven by its content hash):
+    nothing to encode or write, only references, as few as the blocks' places allow."""
+    records = [h.record for h in hits]
+    h0 = hits[0] if hits else None
+    if h0 is not None and all(h.base == h0.base and h.file == h0.file for h in hits):
+        # The common case, one run: the blocks lie back to back in one base file.
+        end = h0.offset
+        for h, rec in zip(hits, records):
+            if h.offset != end:
+                break
+            end += rec[0]
+        else:
+            return Encoded([], records, [d.hex() for d in digests],
+                           [Ref(0, len(hits), h0.base, h0.file, h0.offset)])
+    locs = [(h.base, h.file, h.offset) for h in hits]
+    return Encoded([], records, [d.hex() for d in digests], runs_of(locs, records))
 
 
 def index_for(base: str | os.PathLike | None, target: str) -> BaseIndex | None:
@@ -282,9 +357,10 @@ def plan_structure(plans: Iterable[Any]) -> tuple[dict[str, tuple[str, tuple[int
     return tensors, objects
 
 
-def choose_base(base: str | os.PathLike | None, target: str, plans: list[Any]) -> str | None:
-    """Coordinator: the base every rank dedupes against, or None for a full save (no base
-    asked for, or the state's structure differs from the base's)."""
+def choose_base(base: str | os.PathLike | None, target: str,
+                plans: list[Any]) -> BaseIndex | None:
+    """Coordinator: the index of the base every rank dedupes against, or None for a full
+    save (no base asked for, or the state's structure differs from the base's)."""
     if base is None:
         return None
     index = BaseIndex.open(base, target)
@@ -293,7 +369,7 @@ def choose_base(base: str | os.PathLike | None, target: str, plans: list[Any]) -
         log.info("shardckpt: %s: the state's keys, shapes or dtypes differ from base %s; "
                  "writing a full checkpoint", target, index.base)
         return None
-    return index.base
+    return index
 
 
 def holder_names(m: Manifest) -> set[str]:
