@@ -29,8 +29,8 @@ from .manifest import (
     ObjectEntry,
     StoredItem,
     TensorEntry,
-    parse_manifest,
 )
+from .manifest_parse import parse_manifest
 from .names import (
     DATA_DIR,
     FORMAT_NAME,
