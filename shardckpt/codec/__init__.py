@@ -154,7 +154,6 @@ def hash_buffer(raw: memoryview, block_size: int, threads: int | None = None) ->
     return list(pool(threads).map(xxhash.xxh3_128_digest, spans))
 
 
-
 def hash_buffers(raws: list[memoryview], block_size: int,
                  threads: int | None = None) -> list[list[bytes]]:
     """hash_buffer of each of several buffers, in one pass: every block of every buffer
@@ -163,8 +162,7 @@ def hash_buffers(raws: list[memoryview], block_size: int,
         raise ValueError(f"block_size must be > 0, not {block_size}")
     native = active_path() == "native" and getattr(_native, "hash_buffers", None)
     if not native:
-        return [hash_buffer(r, block_size, threads) if len(r) > block_size
-                else [xxhash.xxh3_128_digest(r)] if len(r) else [] for r in raws]
+        return [hash_buffer(r, block_size, threads) for r in raws]
     flat = native(raws, block_size, threads or default_threads())
     out, pos = [], 0
     for r in raws:

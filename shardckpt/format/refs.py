@@ -165,17 +165,17 @@ def parse_refs(v: Any, records: Sequence[list],
 def runs_of(locs: Sequence[tuple[str, str, int] | None], records: Sequence[list]) -> list[Ref]:
     """Per-block locations (base, file, offset) or None (own) as the fewest `Ref` runs:
     consecutive blocks merge when they lie back to back in one base file."""
-    out: list[Ref] = []
+    runs: list[list] = []  # [first, count, base, file, offset], made Refs at the end
     end = -1  # file offset just past the last run's blocks
     for i, loc in enumerate(locs):
         if loc is None:
             continue
         base, rel, off = loc
-        last = out[-1] if out else None
-        if (last is not None and last.first + last.count == i and last.base == base
-                and last.file == rel and end == off):
-            out[-1] = Ref(last.first, last.count + 1, base, rel, last.offset)
+        last = runs[-1] if runs else None
+        if (last is not None and last[0] + last[1] == i and last[2] == base
+                and last[3] == rel and end == off):
+            last[1] += 1
         else:
-            out.append(Ref(i, 1, base, rel, off))
+            runs.append([i, 1, base, rel, off])
         end = off + records[i][0]
-    return out
+    return [Ref(*r) for r in runs]

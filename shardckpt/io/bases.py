@@ -21,7 +21,7 @@ import torch
 from .. import codec
 from ..errors import BaseCheckpointError, CorruptCheckpointError, ReferencedCheckpointError
 from ..format import Block, Manifest, StoredItem, parse_manifest
-from ..format.names import MANIFEST_NAME, DirState
+from ..format.names import MANIFEST_NAME
 from ..format.refs import BASE_PREFIX, RefBlock, base_name
 from .storage import OpenCheckpoint, is_url, join, split_path, storage_for
 
@@ -167,7 +167,7 @@ def sibling_users(path: str) -> list[str]:
     users = []
     for e, is_dir in sorted(st.children(parent)):
         p = join(parent, e)
-        if e == name or e.startswith(".") or not is_dir or st.state(p) != DirState.COMMITTED:
+        if e == name or e.startswith(".") or not is_dir or not st.is_committed(p):
             continue
         try:
             ck = st.open_checkpoint(p)
@@ -186,8 +186,7 @@ def sibling_users(path: str) -> list[str]:
 def refuse_overwrite_of_base(path: str) -> None:
     """Before a save replaces the committed checkpoint at `path`: a typed error if another
     checkpoint references it (its blocks would go with it), so nothing is written."""
-    st = storage_for(path)
-    if st.state(path) != DirState.COMMITTED:
+    if not storage_for(path).is_committed(path):
         return
     users = sibling_users(path)
     if users:

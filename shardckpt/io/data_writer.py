@@ -24,7 +24,7 @@ import torch
 
 from .. import codec
 from ..format import StoredItem
-from .dedupe import BaseIndex, Encoded, encode_item, hash_items, referenced
+from .dedupe import BaseIndex, Encoded, encode_item, referenced
 from .policy import CompressionPolicy
 from .sinks import DataSink, final_of_staged, open_sink, typed_write_error
 
@@ -128,7 +128,7 @@ def _hashed_batches(items: Iterable[tuple[memoryview, int]], block_size: int, th
     a batch is hashed."""
     pending: tuple[list[tuple[memoryview, int]], Future_] | None = None
     for batch in _batches(items):
-        fut = ex.submit(hash_items, [raw for raw, _ in batch], block_size, threads)
+        fut = ex.submit(codec.hash_buffers, [raw for raw, _ in batch], block_size, threads)
         if pending is not None:
             yield from _with_digests(*pending)
         pending = (batch, fut)
@@ -288,7 +288,7 @@ class DataFileWriter:
 
         A model has many tensors smaller than a block; encoded one after another
         they would use one core. `items` is consumed lazily, a bounded window ahead.
-        With a base index, items are hashed in batches first (dedupe.hash_items); an
+        With a base index, items are hashed in batches first (codec.hash_buffers); an
         item whose every block the base holds is settled here, without a worker.
         """
         threads = self.threads or codec.default_threads()

@@ -62,16 +62,6 @@ def block_hashes(raw: memoryview, block_size: int, threads: int | None = None) -
     return [xxhash.xxh3_128_digest(raw[i:i + block_size]) for i in range(0, len(raw), block_size)]
 
 
-
-def hash_items(raws: list[memoryview], block_size: int,
-               threads: int | None = None) -> list[list[bytes]]:
-    """block_hashes of several items in one pass (codec.hash_buffers): the many small
-    tensors of a model are hashed together, not one call each."""
-    fn = getattr(codec, "hash_buffers", None)
-    if fn is not None:
-        return fn(raws, block_size, threads)
-    return [block_hashes(r, block_size, threads) for r in raws]
-
 def encode_and_hash(raw: memoryview, group: int, cfg: codec.CodecConfig,
                     threads: int | None) -> tuple[list[tuple[bytes, list]], list[bytes]]:
     """Encoded blocks and their hashes, in one pass over the bytes where the codec can."""
@@ -180,14 +170,9 @@ class BaseIndex:
              group: int) -> list[Hit | None]:
         """lookup() of every block of an item of `nbytes` raw bytes (all but the last
         block are `block_size` long)."""
-        get = self._by_hash.get
         last = len(digests) - 1
-        out: list[Hit | None] = []
-        for i, d in enumerate(digests):
-            n = block_size if i < last else nbytes - i * block_size
-            hit = get((d, n, group)) if group > 1 else None
-            out.append(hit or get((d, n, 0)))
-        return out
+        return [self.lookup(d, block_size if i < last else nbytes - i * block_size, group)
+                for i, d in enumerate(digests)]
 
     def same_structure(self, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
                        objects: Iterable[str]) -> bool:
@@ -317,17 +302,6 @@ def referenced(digests: list[bytes], hits: list[Hit]) -> Encoded:
     """An item whose every block the base holds (each proven by its content hash):
     nothing to encode or write, only references, as few as the blocks' places allow."""
     records = [h.record for h in hits]
-    h0 = hits[0] if hits else None
-    if h0 is not None and all(h.base == h0.base and h.file == h0.file for h in hits):
-        # The common case, one run: the blocks lie back to back in one base file.
-        end = h0.offset
-        for h, rec in zip(hits, records):
-            if h.offset != end:
-                break
-            end += rec[0]
-        else:
-            return Encoded([], records, [d.hex() for d in digests],
-                           [Ref(0, len(hits), h0.base, h0.file, h0.offset)])
     locs = [(h.base, h.file, h.offset) for h in hits]
     return Encoded([], records, [d.hex() for d in digests], runs_of(locs, records))
 

@@ -66,6 +66,7 @@ class CheckpointWrite(Protocol):
 
 class Storage(Protocol):
     def state(self, path: str) -> DirState: ...
+    def is_committed(self, path: str) -> bool: ...
     def open_checkpoint(self, path: str) -> OpenCheckpoint: ...
     # -- write side
     def begin_commit(self, final: str, *, overwrite: bool, save_id: str,
@@ -246,6 +247,9 @@ class LocalCheckpoint:
 
 class LocalStorage:
     """Checkpoints as directories of a local (or POSIX network) filesystem."""
+
+    def is_committed(self, path: str) -> bool:
+        return self.state(path) == DirState.COMMITTED
 
     def state(self, path: str) -> DirState:
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CorruptCheckpointError, ShardckptError
-from ..format import DirState, Manifest
+from ..format import Manifest
 from ..format.names import MANIFEST_NAME, trash_name
 from ..io.committed import read_committed
 from ..io.fsutil import remove_dir
@@ -108,7 +108,7 @@ def list_checkpoints(root: str | os.PathLike, *,
     out = []
     for step, name in step_entries(root):
         path = os.path.join(root, name)
-        if storage_for(path).state(path) != DirState.COMMITTED:
+        if not storage_for(path).is_committed(path):
             continue
         problem = None
         metrics: dict[str, Any] = {}

@@ -340,7 +340,7 @@ class RootKeeper:
             path = self._path(name)
             if name in exclude:
                 continue
-            if storage_for(path).state(path) != DirState.COMMITTED:
+            if not storage_for(path).is_committed(path):
                 continue
             holder["lease"] = self.leases.take(name)
             holder["reader"], err = self.open_checked(name)

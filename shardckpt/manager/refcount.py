@@ -18,7 +18,6 @@ import stat
 from dataclasses import dataclass, field
 
 from ..errors import ShardckptError
-from ..format import DirState
 from ..format.names import MANIFEST_NAME, RETIRED_MANIFEST
 from ..io.committed import read_committed
 from ..io.dedupe import holder_names
@@ -54,7 +53,7 @@ def references(root: str) -> References:
     refs = References()
     for _, name in step_entries(root):
         path = join(root, name)
-        if storage_for(path).state(path) != DirState.COMMITTED:
+        if not storage_for(path).is_committed(path):
             continue
         try:
             holders = holder_names(read_committed(path))

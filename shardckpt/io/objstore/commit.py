@@ -88,9 +88,8 @@ class RemoteCommit:
                world_size: int) -> RemoteCommit:
         final = final.rstrip("/")
         check_name(final)
-        from ...format import DirState
 
-        if storage.state(final) == DirState.COMMITTED and not overwrite:
+        if not overwrite and storage.is_committed(final):
             raise _exists(final)
         token = uuid.uuid4().hex[:12]
         marker = join(parent(final), staging_name(basename(final), token))

@@ -86,6 +86,10 @@ class RemoteStorage:
                 out.append(o.url)
         return out
 
+    def is_committed(self, path: str) -> bool:
+        """One HEAD (state() lists the prefix when there is no manifest)."""
+        return self.store.head(join(path, MANIFEST_NAME)) is not None
+
     def state(self, path: str) -> DirState:
         if self.store.head(join(path, MANIFEST_NAME)) is not None:
             return DirState.COMMITTED
@@ -154,16 +158,17 @@ class RemoteStorage:
         checkpoint loses its data first and its retired manifest last, so a crash between
         leaves it retired, for the next sweep."""
         path = join(root, name)
-        manifest = join(path, MANIFEST_NAME)
-        retired = self.store.head(manifest) is None
-        if retired and not self.is_retired(path):
+        manifest, retired = join(path, MANIFEST_NAME), join(path, RETIRED_MANIFEST)
+        live = self.store.head(manifest) is not None
+        # a retired checkpoint, or one whose retire a crash cut short (both manifests)
+        was_retired = self.store.head(retired) is not None
+        if not live and not was_retired:
             return False
-        if not retired:
+        if live:
             self.store.delete([manifest])
         pre = len(path) + 1
         self.store.delete([o.url for o in self.store.listing(path + "/")
                            if parse_data_object(o.url[pre:])])
-        gone = join(path, RETIRED_MANIFEST)
-        if retired or self.store.head(gone) is not None:  # also a retire a crash cut short
-            self.store.delete([gone])
+        if was_retired:
+            self.store.delete([retired])
         return True
