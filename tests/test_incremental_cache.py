@@ -147,13 +147,20 @@ class _Unsafe:
     pass
 
 
-def test_objects_checked_once_by_their_bytes_and_others_still_refused(tmp_path):
-    from shardckpt.dcp import planner
+def test_objects_checked_once_by_their_bytes_and_others_still_refused(tmp_path, monkeypatch):
+    from shardckpt.dcp import saved_objects as planner
 
-    groups = {"lr": 1e-3, "betas": (0.9, 0.999)}
+    loads = []
+    real = planner.weights_only_load
+    monkeypatch.setattr(planner, "weights_only_load", lambda b: loads.append(1) or real(b))
+    groups = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "params": [0, 1, 2]}
     shardckpt.save({"t": torch.ones(4), "g": groups}, str(tmp_path / "a"))
     assert any(len(k) < 4096 for k in planner._LOADS_BACK)
-    shardckpt.save({"t": torch.ones(4), "g": groups}, str(tmp_path / "b"))  # cached: fine
+    first = len(loads)
+    assert first >= 4  # one per object DCP flattens out of the group
+    for name in ("b", "b2", "b3"):  # cached by their bytes: nothing is loaded again
+        shardckpt.save({"t": torch.ones(4), "g": groups}, str(tmp_path / name))
+    assert len(loads) == first
     with pytest.raises(shardckpt.errors.UnsafeObjectError):
         shardckpt.save({"t": torch.ones(4), "g": _Unsafe()}, str(tmp_path / "c"))
     assert not os.path.exists(tmp_path / "c")

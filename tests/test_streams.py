@@ -17,6 +17,7 @@ import shardckpt
 from shardckpt import codec
 from shardckpt import format as fmt
 from shardckpt.io import data_writer, direct_sink, prefetch, probe, sinks
+from shardckpt.io import policy as policy_mod
 from shardckpt.io.data_writer import DataFileWriter
 from shardckpt.io.policy import REPROBE_EVERY, CompressionPolicy
 from shardckpt.io.sinks import LocalSink
@@ -178,6 +179,26 @@ def test_policy_decisions_from_rates():
     f.observe_encode(100 * MB, 60 * MB, thread_s=0.2, compressed=True)
     f.observe_encode(100 * MB, 100 * MB, thread_s=0.02, compressed=False)
     assert f.choose()
+
+
+def test_next_save_to_a_storage_decides_from_the_rates_the_last_one_measured(tmp_path):
+    q = policy_mod.policy_for(("t", 1), 2, 2000e6)
+    assert q.predicted() is None and q.choose()  # nothing known yet: compress, measure
+    q.observe_encode(100 * MB, 50 * MB, thread_s=1.0, compressed=True)
+    q.observe_encode(100 * MB, 100 * MB, thread_s=0.02, compressed=False)
+    policy_mod.remember(("t", 1), q)
+    # The next save there: raw from its first item (a few small items never fill a window).
+    nxt = policy_mod.policy_for(("t", 1), 2, 2000e6)
+    assert nxt.predicted() == q.predicted() and not nxt.choose()
+    assert nxt.summary() == {"items_compressed": 0, "items_raw": 1}
+    # Another storage, another thread count, or a sink that cannot say: nothing carried.
+    for key, threads in ((("t", 2), 2), (("t", 1), 4), (None, 2)):
+        assert policy_mod.policy_for(key, threads, 2000e6).predicted() is None
+    # A real save records its storage's rates under the sink's key.
+    policy_mod._LAST.clear()
+    shardckpt.save({"w": torch.randn(3 << 20)}, str(tmp_path / "a"))
+    ((kind, dev, streams),) = policy_mod._LAST
+    assert dev == os.stat(tmp_path).st_dev and kind in ("LocalSink", "DirectSink")
 
 
 def test_probe_choice_and_cache(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,8 @@ from ..errors import (
     UnsafeObjectError,
 )
 from ..format.keys import is_rank_local, mapping_hint
-from .safety import safe_torch_load, weights_only_load
+from .safety import safe_torch_load
+from .saved_objects import check_loads_back, serialize
 
 
 def _fmt_keys(keys: list[str], limit: int = 8) -> str:
@@ -84,34 +84,6 @@ def forget_plans() -> None:
             del cache[k]
 
 
-# Objects that loaded back under weights_only rules, by their exact bytes: a repeated
-# save of the same small objects (optimizer param_groups, counters) checks each once.
-_LOADS_BACK: OrderedDict[bytes, None] = OrderedDict()
-_LOADS_BACK_MAX, _LOADS_BACK_ITEM = 4096, 1 << 16
-_LOADS_BACK_LOCK = threading.Lock()
-_LOADS_BACK_GLOBALS: list[tuple[int, ...]] = [()]
-
-
-def _check_loads_back(data: bytes) -> None:
-    """Raise unless `data` (a torch.save) loads under weights_only rules."""
-    small = len(data) <= _LOADS_BACK_ITEM
-    if small:
-        allowed = tuple(map(id, torch.serialization.get_safe_globals()))
-        with _LOADS_BACK_LOCK:
-            if allowed != _LOADS_BACK_GLOBALS[0]:  # the user's allowlist changed
-                _LOADS_BACK.clear()
-                _LOADS_BACK_GLOBALS[0] = allowed
-            if data in _LOADS_BACK:
-                _LOADS_BACK.move_to_end(data)
-                return
-    weights_only_load(io.BytesIO(data))
-    if small:
-        with _LOADS_BACK_LOCK:
-            _LOADS_BACK[data] = None
-            while len(_LOADS_BACK) > _LOADS_BACK_MAX:
-                _LOADS_BACK.popitem(last=False)
-
-
 class SafeSavePlanner(DefaultSavePlanner):
     """DCP's default save planner that refuses, before anything is written, a value
     that would not load back: shardckpt loads objects under weights_only rules.
@@ -150,9 +122,9 @@ class SafeSavePlanner(DefaultSavePlanner):
                 continue
             fqn = item.index.fqn
             try:
-                data = super().resolve_data(item).getvalue()
+                data = serialize(self.lookup_object(item.index))
                 self._serialized[item.index] = data
-                _check_loads_back(data)
+                check_loads_back(data)
             except Exception as e:
                 kind = type(self.state_dict.get(fqn)).__name__
                 raise UnsafeObjectError(

@@ -25,7 +25,7 @@ import torch
 from .. import codec
 from ..format import StoredItem
 from .dedupe import BaseIndex, Encoded, encode_item, referenced
-from .policy import CompressionPolicy
+from .policy import CompressionPolicy, policy_for, remember
 from .sinks import DataSink, final_of_staged, open_sink, typed_write_error
 
 __all__ = ["DataFileWriter", "tensor_bytes", "typed_write_error", "final_of_staged"]
@@ -216,8 +216,9 @@ class DataFileWriter:
         adaptive = not isinstance(target, str) if adaptive is None else adaptive
         if storage_bps is None:
             storage_bps = getattr(self.sink, "expected_bps", None)
+        self._rate_key = getattr(self.sink, "rate_key", None)
         self.policy: CompressionPolicy | None = (
-            CompressionPolicy(threads or codec.default_threads(), storage_bps)
+            policy_for(self._rate_key, threads or codec.default_threads(), storage_bps)
             if adaptive and cfg.compression == "zstd" else None)
         self._active = 0  # encoder threads busy now (to share CPU time between items)
         self._active_lock = threading.Lock()
@@ -375,6 +376,8 @@ class DataFileWriter:
             self.sink.close()
         except BaseException as e:
             raise typed_write_error(e, self.path, self.rank) from None
+        if self.policy is not None:
+            remember(self._rate_key, self.policy)
 
     def _error(self) -> BaseException:
         return typed_write_error(self._err[0], self.path, self.rank)

@@ -41,6 +41,7 @@ class StreamedFile:
 
     name: str
     rank: int | None
+    rate_key: object = None  # set by open_sink: which storage (io/policy.py)
     _fd: int
     _q: queue.SimpleQueue
     _threads: list[threading.Thread]
@@ -166,16 +167,21 @@ def open_sink(staging_dir: str, rel: str, *, rank: int | None = None) -> DataSin
 
     prof = storage_profile(staging_dir)
     path = os.path.join(staging_dir, rel)
+    sink: DataSink | None = None
     if prof.direct:
         from .direct_sink import DirectSink
         try:
-            return DirectSink(path, streams=prof.streams, rank=rank,
+            sink = DirectSink(path, streams=prof.streams, rank=rank,
                               expected_bps=prof.write_bps)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise typed_write_error(e, path, rank) from e
             # EINVAL: this directory refuses O_DIRECT after all (another mount on the device)
-    return LocalSink(path, streams=prof.streams, rank=rank, expected_bps=prof.write_bps)
+    if sink is None:
+        sink = LocalSink(path, streams=prof.streams, rank=rank, expected_bps=prof.write_bps)
+    # Which storage, for the compression policy's rates remembered between saves.
+    sink.rate_key = (type(sink).__name__, os.stat(staging_dir).st_dev, prof.streams)
+    return sink
 
 
 def typed_write_error(e: BaseException, path: str, rank: int | None) -> BaseException:
