@@ -66,12 +66,21 @@ class Lora(nn.Module):
         return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
 
 
-def build(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(kind: str, layers: int | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import BertModel
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     model = BertModel.from_pretrained(str(minilm_dir()))
+    if layers is not None and layers != model.config.num_hidden_layers:
+        # A deeper model of the same real weights: layer i is MiniLM's layer i mod 6.
+        # Shows how the ratios move with model size (the per-save costs stay the same).
+        cfg = BertConfig.from_pretrained(str(minilm_dir()), num_hidden_layers=layers)
+        deep = BertModel(cfg)
+        src = model.state_dict()
+        n = model.config.num_hidden_layers
+        deep.load_state_dict({k: src[_layer_key(k, n)] for k in deep.state_dict()})
+        model = deep
     model.train()
     if kind == "lora":
         model.requires_grad_(False)
@@ -80,6 +89,13 @@ def build(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:
             att.query, att.value = Lora(att.query), Lora(att.value)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+
+
+def _layer_key(key: str, n: int) -> str:
+    parts = key.split(".")
+    if parts[:2] == ["encoder", "layer"]:
+        parts[2] = str(int(parts[2]) % n)
+    return ".".join(parts)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
@@ -96,8 +112,8 @@ def r_inc_path(roots: dict, step: int) -> str:
     return os.path.join(roots["incremental"], f"step_{step:08d}")
 
 
-def run(kind: str, saves: int, directory: str) -> dict:
-    model, opt = build(kind)
+def run(kind: str, saves: int, directory: str, layers: int | None = None) -> dict:
+    model, opt = build(kind, layers)
     roots = {m: tempfile.mkdtemp(prefix=f"inc-{kind}-{m}-", dir=directory)
              for m in ("incremental", "full")}
     mgrs = {m: shardckpt.CheckpointManager(roots[m], keep_last=2, incremental=m == "incremental",
@@ -132,7 +148,7 @@ def run(kind: str, saves: int, directory: str) -> dict:
     inc_s = statistics.median(r["incremental_s"] for r in later)
     full_s = statistics.median(r["full_s"] for r in later)
     return {
-        "kind": kind, "saves": rows,
+        "kind": kind, "saves": rows, "layers": model.config.num_hidden_layers,
         "state_bytes": sum(v.numel() * v.element_size() for v in check["model"].values()),
         "median_incremental_s": inc_s, "median_full_s": full_s, "time_ratio": inc_s / full_s,
         "max_bytes_ratio": max(r["incremental_bytes"] / r["full_bytes"] for r in later),
@@ -142,7 +158,8 @@ def run(kind: str, saves: int, directory: str) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['kind']}: save  incremental (s, MB)      full (s, MB)     bytes  time  base"]
+    lines = [f"{res['kind']} ({res['layers']} layers, {res['state_bytes'] / 1e6:.0f} MB of "
+             f"weights): save  incremental (s, MB)      full (s, MB)     bytes  time  base"]
     for r in res["saves"]:
         lines.append(f"  {r['step']:>9}  {r['incremental_s']:7.3f} {r['incremental_bytes'] / 1e6:9.2f}"
                      f"   {r['full_s']:7.3f} {r['full_bytes'] / 1e6:9.2f}"
@@ -161,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saves", type=int, default=10)
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: tmp)")
     ap.add_argument("--only", choices=("lora", "full"), default=None)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="encoder layers (default: MiniLM's 6; more repeat its real layers)")
     args = ap.parse_args(argv)
     results = {"machine": machine_info(), "targets": TARGETS, "runs": {}}
     for kind in ("lora", "full"):
         if args.only in (None, kind):
-            res = run(kind, args.saves, args.dir or tempfile.gettempdir())
+            res = run(kind, args.saves, args.dir or tempfile.gettempdir(), args.layers)
             results["runs"][kind] = res
             print(table(res), flush=True)
     runs = results["runs"]

@@ -8,6 +8,7 @@ seek on an unchecked number. The JSON form is specified in docs/FORMAT.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -384,7 +385,9 @@ def _entry_text(key: str, entry: TensorEntry) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _key(k: str) -> str:
+    # Twice per tensor per save (the checksummed text and the file's): the same keys.
     return json.dumps(k)
 
 
