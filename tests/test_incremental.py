@@ -58,8 +58,11 @@ def _chain(tmp_path, n: int = 3) -> list[str]:
 def test_unchanged_blocks_are_referenced_not_written(tmp_path):
     p1, p2, p3 = _chain(tmp_path)
     full, inc = _own_bytes(p1), _own_bytes(p3)
-    assert inc < 0.15 * full, (inc, full)
+    # What is left is the adapters and the step object, compressed or not (the policy
+    # decides from the rates earlier saves of this process measured).
+    assert inc < 0.2 * full, (inc, full)
     m = _manifest(p3)
+    assert m["tensors"]["base"]["chunks"][0]["length"] == 0  # not a byte of it written
     # Depth one: the frozen base is referenced where it lies (step_1), never through step_2.
     base_refs = {r[2] for r in m["tensors"]["base"]["chunks"][0]["refs"]}
     assert base_refs == {"../step_1"}

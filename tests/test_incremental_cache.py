@@ -150,6 +150,9 @@ class _Unsafe:
 def test_objects_checked_once_by_their_bytes_and_others_still_refused(tmp_path, monkeypatch):
     from shardckpt.dcp import saved_objects as planner
 
+    # Fresh caches: other tests of this process saved some of these values already.
+    monkeypatch.setattr(planner, "_LOADS_BACK", type(planner._LOADS_BACK)())
+    monkeypatch.setattr(planner, "_SERIALIZED", type(planner._SERIALIZED)())
     loads = []
     real = planner.weights_only_load
     monkeypatch.setattr(planner, "weights_only_load", lambda b: loads.append(1) or real(b))
