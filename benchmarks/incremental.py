@@ -14,7 +14,8 @@ loads it) trained two ways, one step between saves, with the CheckpointManager:
   reference ~nothing, probing again now and then: the `base` column).
 
 `--only lora` and fewer `--saves` make a quick run; medians of two runs or more
-are what to compare on a shared machine.
+are what to compare on a shared machine. `--layers N` builds a deeper model of the
+same real weights (MiniLM's layers repeated) to show how the ratios move with size.
 
 Each scenario runs two managers side by side on the same state after every
 training step, one `incremental=True` and one full, alternating which saves
