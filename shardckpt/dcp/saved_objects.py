@@ -10,6 +10,7 @@ small incremental save, and both give the same answer for the same value every t
 from __future__ import annotations
 
 import io
+import struct
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -33,7 +34,9 @@ _SCALARS = (bool, int, str, bytes, type(None))
 def _scalar_key(v: Any) -> Any:
     t = type(v)
     if t is float:
-        return (float, v.hex())  # by bits: 0.0 == -0.0, and NaN is never equal to itself
+        # By its bits: 0.0 == -0.0, a NaN is never equal to itself, and float.hex()
+        # writes every NaN payload as "nan"; pickle writes all eight bytes.
+        return (float, struct.pack("<d", v))
     if t in _SCALARS:
         return (t, v)
     return None

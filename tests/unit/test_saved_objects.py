@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 
 import torch
 from hypothesis import given, settings
@@ -34,10 +35,13 @@ def _same(a, b) -> bool:
 
 
 def test_values_that_compare_equal_but_pickle_apart_get_their_own_bytes():
-    for a, b in [(0.0, -0.0), (1, True), (1, 1.0), (0, False), ((1,), [1]), ("1", 1)]:
+    nan_payload = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000001))[0]
+    for a, b in [(0.0, -0.0), (1, True), (1, 1.0), (0, False), ((1,), [1]), ("1", 1),
+                 (math.nan, nan_payload), (math.nan, -math.nan)]:
         assert plain_key(a) != plain_key(b)
         assert _same(weights_only_load(io.BytesIO(serialize(b))), b)
         assert _same(weights_only_load(io.BytesIO(serialize(a))), a)
+        assert serialize(a) == _fresh(a) and serialize(b) == _fresh(b)
 
 
 def test_containers_of_containers_are_not_cached():
