@@ -7,12 +7,12 @@ through `read_committed`, which falls back to `reader.read_manifest`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import threading
 from collections import OrderedDict
 
+from .. import codec
 from ..format import Manifest
 from ..format.names import MANIFEST_NAME
 
@@ -29,7 +29,11 @@ _MAX_MANIFEST = 1 << 30  # larger ones are left to the reader (and its typed err
 
 
 def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest() + len(data).to_bytes(8, "little")
+    # XXH3-128, the block hash (~20 GB/s; blake2b took 0.3 ms per 350 KB manifest, read
+    # ~8 times a manager save). It tells "still the bytes written" from any rewrite; a
+    # collision could only make a file pass for a manifest this process wrote itself.
+    h = codec.hash_buffer(memoryview(data), max(1, len(data)))
+    return (h[0] if h else b"") + len(data).to_bytes(8, "little")
 
 
 def _manifest_digest(final: str) -> bytes | None:
