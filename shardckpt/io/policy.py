@@ -166,3 +166,11 @@ def remember(key: object | None, policy: CompressionPolicy) -> None:
         return
     with _LAST_LOCK:
         _LAST[key] = policy
+
+
+def forget() -> None:
+    """Drop every remembered rate: the next save anywhere starts as the first one did
+    (a process that knows its storage changed under it; tests that need a save's
+    first decisions, made before anything was measured)."""
+    with _LAST_LOCK:
+        _LAST.clear()
