@@ -141,3 +141,63 @@ def test_hash_batches_split_anywhere_keep_items_in_order(tmp_path, monkeypatch):
     shardckpt.load(out, str(tmp_path / "b"))
     assert all(torch.equal(out[k], changed[k]) for k in changed)
     assert shardckpt.verify(str(tmp_path / "b"), deep=True).ok
+
+
+def test_an_unchanged_item_shares_its_bases_record_entry_and_text(tmp_path):
+    # BaseIndex.reuse: a tensor whose blocks are those of the base's item at the same
+    # place is settled in one lookup; once the base's record is all references, the new
+    # manifest holds that very entry (and its kept text), not an equal copy.
+    from shardckpt.format import manifest as manifest_mod
+    from shardckpt.io.committed import read_committed
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 48, generator=g)
+    small = torch.randn(4, 48, generator=g)
+    paths = [str(tmp_path / f"s{i}") for i in range(4)]
+    shardckpt.save(_state(base, small, 0), paths[0], block_size=BS)
+    for i in (1, 2, 3):
+        small.add_(1.0)
+        shardckpt.save(_state(base, small, i), paths[i], block_size=BS, base=paths[i - 1])
+    m2, m3 = read_committed(paths[2]), read_committed(paths[3])
+    assert m3.tensors["base"] is m2.tensors["base"]
+    assert m3.tensors["bias"] is m2.tensors["bias"]
+    assert m3.tensors["small"] is not m2.tensors["small"]  # changed: written again
+    on_disk = _manifest(paths[3])
+    assert [r[2] for r in _refs(on_disk, "base")] == ["../s0"]
+    assert on_disk["tensors"]["base"] == _manifest(paths[1])["tensors"]["base"]
+    # The text kept for the shared entry is the text of that entry.
+    manifest_mod._TEXTS.clear()
+    assert json.loads(m3.to_bytes()) == on_disk
+    out = _loaded(paths[3])
+    assert torch.equal(out["base"], base) and torch.equal(out["small"], small)
+    assert shardckpt.verify(paths[3], deep=True).ok
+
+
+def test_reuse_refuses_other_layouts_other_bytes_and_holders_the_save_replaces(tmp_path):
+    from shardckpt.io.dedupe import BaseIndex
+
+    t = (torch.arange(4096, dtype=torch.float32) % 97).to(torch.bfloat16)  # compressible
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shardckpt.save({"t": t}, a, block_size=BS)
+    rec = _manifest(a)["tensors"]["t"]["chunks"][0]
+    assert any(blk[3] == "g" for blk in rec["blocks"]), rec["blocks"]  # byte planes of 2
+    raw = t.view(torch.uint8).numpy().tobytes()
+    digests = _want(raw, BS)
+    where = ("t", (0,))
+    index = BaseIndex(a, b)
+    got = index.reuse(digests, len(raw), 2, "data/r00000.bin", where)
+    assert got is not None and got.length == 0 and got.hashes == tuple(rec["hashes"])
+    assert [(r.first, r.count, r.base) for r in got.refs] == [(0, len(digests), "../a")]
+    # The same bytes as a 4-byte dtype: planes of 2 do not decode into it.
+    assert index.reuse(digests, len(raw), 4, "data/r00000.bin", where) is None
+    other = list(digests)
+    other[1] = bytes(16)
+    assert index.reuse(other, len(raw), 2, "data/r00000.bin", where) is None
+    assert index.reuse(digests, len(raw), 2, "data/r00000.bin", ("u", (0,))) is None
+    assert index.reuse(digests, len(raw) - 1, 2, "data/r00000.bin", where) is None
+    # b references a; a save that replaces a (b as its base) may not reference a.
+    shardckpt.save({"t": t}, b, block_size=BS, base=a)
+    assert _refs(_manifest(b), "t")[0][2] == "../a"
+    assert BaseIndex(b, a).reuse(digests, len(raw), 2, "data/r00000.bin", where) is None
+    assert BaseIndex(b, str(tmp_path / "c")).reuse(digests, len(raw), 2, "data/r00000.bin",
+                                                   where) is not None

@@ -64,8 +64,13 @@ def planner_data_from_json(pd: dict | None) -> Any:
 
 def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
                           expected: dict[int, int], *, final: str, codec: dict,
-                          user_metadata: dict, versions: dict) -> Manifest:
-    """Assemble the manifest from every rank's write results (coordinator only)."""
+                          user_metadata: dict, versions: dict,
+                          like: Manifest | None = None) -> Manifest:
+    """Assemble the manifest from every rank's write results (coordinator only).
+
+    `like`: the base of an incremental save. A chunk a rank settled with the base's own
+    record (dedupe.BaseIndex.reuse) is that record, and a tensor all of whose chunks
+    are is the base's entry: the same objects, whose manifest text is kept."""
     if len(results) != len(expected):
         raise SaveFailedError(
             f"{final}: {len(results)} of {len(expected)} ranks reported write results; "
@@ -83,6 +88,7 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
             by_index[r.index] = item
     tensors: dict[str, TensorEntry] = {}
     objects: dict[str, ObjectEntry] = {}
+    old = {} if like is None else like.tensors
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
             chunks = []
@@ -91,18 +97,24 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
                 if it is None:
                     raise SaveFailedError(f"{final}: no rank wrote chunk {list(ch.offsets)} "
                                           f"of {fqn!r}; nothing was committed.")
-                chunks.append(Chunk(offsets=tuple(ch.offsets), sizes=tuple(ch.sizes),
-                                    **it.stored_fields()))
-            tensors[fqn] = TensorEntry(dtype=dtype_name(md.properties.dtype),
-                                       shape=tuple(md.size),
-                                       requires_grad=bool(md.properties.requires_grad),
-                                       chunks=tuple(chunks))
+                offsets, sizes = tuple(ch.offsets), tuple(ch.sizes)
+                if not (type(it) is Chunk and it.offsets == offsets and it.sizes == sizes):
+                    it = Chunk(offsets=offsets, sizes=sizes, **it.stored_fields())
+                chunks.append(it)
+            entry = TensorEntry(dtype=dtype_name(md.properties.dtype), shape=tuple(md.size),
+                                requires_grad=bool(md.properties.requires_grad),
+                                chunks=tuple(chunks))
+            prev = old.get(fqn)
+            if prev is not None and len(prev.chunks) == len(chunks) and all(
+                    a is b for a, b in zip(prev.chunks, chunks)) and prev == entry:
+                entry = prev
+            tensors[fqn] = entry
         else:
             it = by_index.get(MetadataIndex(fqn))
             if it is None:
                 raise SaveFailedError(f"{final}: no rank wrote object {fqn!r}; "
                                       f"nothing was committed.")
-            objects[fqn] = ObjectEntry(**it.stored_fields())
+            objects[fqn] = it if type(it) is ObjectEntry else ObjectEntry(**it.stored_fields())
     return Manifest.new(world_size=len(results), files=files, tensors=tensors, objects=objects,
                         codec=codec, planner_data=_planner_data_to_json(metadata.planner_data),
                         user_metadata=user_metadata, versions=versions)

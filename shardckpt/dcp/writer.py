@@ -154,7 +154,9 @@ class ShardWriter(StorageWriter):
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
                             adaptive=True, base_index=index, borrow=True) as out:
-            records = out.append_many(payloads())
+            records = out.append_many(payloads(), [
+                (it.index.fqn, None if it.index.offset is None else tuple(it.index.offset))
+                for it in plan.items])
         stats = out.codec_summary()
         rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,
                             items_compressed=stats.get("items_compressed", 0),
@@ -172,11 +174,14 @@ class ShardWriter(StorageWriter):
         # completeness check: every chunk of the metadata must have been written.
         expected = {i: n if n is not None else len(results[i]) if i < len(results) else 0
                     for i, n in self._expected.items()}
-        manifest = manifest_from_results(
-            metadata, results, expected, final=final, codec=self._codec_json(results),
-            user_metadata=self.user_metadata, versions=runtime_versions())
+        index = None
         if self._base_used is not None:
             index = getattr(self, "_index", None) or dedupe.BaseIndex.open(self._base_used, final)
+        manifest = manifest_from_results(
+            metadata, results, expected, final=final, codec=self._codec_json(results),
+            user_metadata=self.user_metadata, versions=runtime_versions(),
+            like=None if index is None else index.manifest)
+        if index is not None:
             manifest = dataclasses.replace(manifest, bases=index.bases_for(manifest))
         staging = self._commit.staging
         for rel, fi in manifest.files.items():

@@ -377,6 +377,9 @@ def _entry_text(key: str, entry: TensorEntry) -> str:
             _TEXTS.clear()
         kept = _TEXTS[key] = []
     for e, text in kept:
+        if e is entry:  # an unchanged tensor of an incremental save: the base's entry
+            return text
+    for e, text in kept:
         if e == entry:
             return text
     text = json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)

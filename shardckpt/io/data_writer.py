@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future as Future_
 from dataclasses import replace
 from typing import Any
@@ -179,8 +179,8 @@ def _coalesced(job: list[tuple[Any, int]]) -> Iterator[tuple[Any, int]]:
         yield joined, codec.crc32(joined)
 
 
-def _result(job: Future_ | Encoded) -> Encoded:
-    return job if isinstance(job, Encoded) else job.result()
+def _result(job: Future_ | Encoded | StoredItem) -> Encoded | StoredItem:
+    return job.result() if isinstance(job, Future_) else job
 
 
 class DataFileWriter:
@@ -284,13 +284,15 @@ class DataFileWriter:
         return self._queue(self._encode(raw, group, self.threads or codec.default_threads()),
                            len(raw))
 
-    def append_many(self, items: Iterable[tuple[memoryview, int]]) -> list[StoredItem]:
+    def append_many(self, items: Iterable[tuple[memoryview, int]],
+                    where: Sequence[Any] | None = None) -> list[StoredItem]:
         """Encode several items at once (small ones in parallel), write them in order.
 
         A model has many tensors smaller than a block; encoded one after another
         they would use one core. `items` is consumed lazily, a bounded window ahead.
         With a base index, items are hashed in batches first (codec.hash_buffers); an
         item whose every block the base holds is settled here, without a worker.
+        `where`: each item's place in the state (BaseIndex.reuse), in the same order.
         """
         threads = self.threads or codec.default_threads()
         ex = codec.item_pool(threads)
@@ -301,10 +303,15 @@ class DataFileWriter:
         bs = self.cfg.block_size
         hashed = (_hashed_batches(items, bs, threads, ex) if index is not None
                   else ((raw, group, None) for raw, group in items))
-        for raw, group, digests in hashed:
+        for i, (raw, group, digests) in enumerate(hashed):
             inner = 1 if len(raw) <= bs else threads
-            hits = None if digests is None else index.hits(digests, len(raw), bs, group)
-            if hits is not None and None not in hits:
+            same = None if digests is None or where is None else index.reuse(
+                digests, len(raw), group, self.rel, where[i])
+            hits = None if digests is None or same is not None else index.hits(
+                digests, len(raw), bs, group)
+            if same is not None:
+                window.append((len(raw), same))
+            elif hits is not None and None not in hits:
                 window.append((len(raw), referenced(digests, hits)))
             elif len(raw) <= _INLINE_BYTES:
                 window.append((len(raw), self._encode(raw, group, 1, digests, hits)))
@@ -321,7 +328,10 @@ class DataFileWriter:
             out.append(self._queue(_result(job), n))
         return out
 
-    def _queue(self, enc: Encoded, nbytes: int) -> StoredItem:
+    def _queue(self, enc: Encoded | StoredItem, nbytes: int) -> StoredItem:
+        if isinstance(enc, StoredItem):  # settled by BaseIndex.reuse: nothing to write
+            self.raw_bytes += nbytes
+            return enc
         offset = self._queued
         bs = self.cfg.block_size
         for stored, rec in enc.own:  # rec[2]: the block's crc32 of its stored bytes

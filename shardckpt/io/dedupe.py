@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import codec
 from ..errors import InvalidBaseError
@@ -72,9 +72,9 @@ def encode_and_hash(raw: memoryview, group: int, cfg: codec.CodecConfig,
                                                                        threads)
 
 
-@dataclass(frozen=True)
-class Hit:
-    """Where a base stores a block with the wanted content, and its record."""
+class Hit(NamedTuple):
+    """Where a base stores a block with the wanted content, and its record. (A tuple:
+    an index is built for every incremental save, one per block of its base.)"""
 
     base: str
     file: str
@@ -86,6 +86,14 @@ def _layout(rec: list) -> int:
     # A byte-plane block decodes only into an item of the same group size; a plain
     # one ("r"/"z") is bytes and fits any.
     return len(rec[4]) if rec[3] == MODE_GROUPED else 0
+
+
+def _fits(records: tuple[list, ...], group: int) -> bool:
+    """Whether blocks of these records decode into an item of byte-group size `group`."""
+    for rec in records:
+        if rec[3] == MODE_GROUPED and len(rec[4]) != group:
+            return False
+    return True
 
 
 def _places(item: StoredItem, own: str) -> list[tuple[str, str, int]]:
@@ -126,17 +134,30 @@ class BaseIndex:
         # The target would be replaced by this save: nothing of it may be referenced.
         self.holders.pop(self.target_ref, None)
         self._by_hash: dict[tuple[bytes, int, int], Hit] = {}
+        # Whole base items by where they are in the state ((key, chunk offsets); (key,
+        # None) for an object), with their blocks' hashes: a tensor that did not change
+        # is settled in one lookup (reuse), with the base's own record where that is all
+        # references already (then every later save shares the same objects, and the
+        # manifest's text of it is kept: format/manifest.py). Anything else is matched
+        # block by block (hits).
+        self._at: dict[tuple[str, tuple | None], tuple[tuple[bytes, ...], StoredItem,
+                                                        list]] = {}
+        self._reused: dict[tuple[int, str, int], StoredItem | None] = {}
         own = base_ref(os.path.basename(self.base))
-        for item in manifest_items(self.manifest):
+        for where, item in _keyed_items(self.manifest):
             if not item.hashes:
                 continue  # written before format 3: nothing to match it by
-            for (holder, rel, offset), rec, h in zip(_places(item, own), item.blocks,
-                                                     item.hashes):
+            places = _places(item, own)
+            digests = []
+            for (holder, rel, offset), rec, h in zip(places, item.blocks, item.hashes):
+                d = bytes.fromhex(h)
+                digests.append(d)
                 if holder not in self.holders:
                     continue
-                key = (bytes.fromhex(h), rec[1], _layout(rec))
+                key = (d, rec[1], _layout(rec))
                 if key not in self._by_hash:
                     self._by_hash[key] = Hit(holder, rel, offset, rec)
+            self._at[where] = (tuple(digests), item, places)
 
     @classmethod
     def open(cls, base: str | os.PathLike, target: str | os.PathLike) -> BaseIndex:
@@ -174,6 +195,36 @@ class BaseIndex:
         return [self.lookup(d, block_size if i < last else nbytes - i * block_size, group)
                 for i, d in enumerate(digests)]
 
+    def reuse(self, digests: list[bytes], nbytes: int, group: int, file: str,
+              where: tuple[str, tuple | None]) -> StoredItem | None:
+        """The record of the item at `where` (key, chunk offsets) if the base's item there
+        has these blocks (the same hashes and size: a tensor that did not change), as
+        references to where the base has them; None when it differs, or does not fit (a
+        block of another byte-plane layout, a holder this save may not reference).
+        `file`: the data file the record names (this rank's, as for every item it
+        settles)."""
+        at = self._at.get(where)
+        if at is None or not digests or at[1].nbytes != nbytes or at[0] != tuple(digests):
+            return None
+        item, places = at[1], at[2]
+        key = (id(item), file, group)
+        if key in self._reused:
+            return self._reused[key]
+        out: StoredItem | None = None
+        if _fits(item.blocks, group):
+            if item.length == 0 and sum(r.count for r in item.refs) == len(item.blocks):
+                refs = item.refs  # all references already (runs as the base has them)
+                ok = all(r.base in self.holders for r in refs)
+            else:
+                refs = tuple(runs_of(places, item.blocks))
+                ok = all(p[0] in self.holders for p in places)
+            if ok and item.refs is refs and item.file == file and item.offset == 0:
+                out = item  # the base's own record
+            elif ok:
+                out = StoredItem(file, 0, 0, nbytes, item.blocks, item.hashes, refs)
+        self._reused[key] = out
+        return out
+
     def same_structure(self, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
                        objects: Iterable[str]) -> bool:
         """Whether a state of these tensors (key -> (dtype name, global shape)) and
@@ -209,6 +260,14 @@ def _sibling_pair(base: str | os.PathLike, target: str | os.PathLike) -> tuple[s
 
 _INDEX_LOCK = threading.Lock()
 _INDEXES: list[tuple[tuple[str, str], Manifest, BaseIndex]] = []
+
+
+def _keyed_items(m: Manifest) -> Iterable[tuple[tuple[str, tuple | None], StoredItem]]:
+    for k, t in m.tensors.items():
+        for c in t.chunks:
+            yield (k, c.offsets), c
+    for k, o in m.objects.items():
+        yield (k, None), o
 
 
 def manifest_items(m: Manifest) -> Iterable[StoredItem]:
