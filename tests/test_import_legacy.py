@@ -83,7 +83,12 @@ def test_resume_from_a_conventional_checkpoint_is_exact(run, tmp_path: Path):
     assert "train.optim.param_groups.0.params" in keys and "train.progress.step" in keys
     assert not any("running_mean" in k and "optim" in k for k in keys)
 
-    # What the original run does next (RNG draws, then one more step).
+    # What the original run does next (RNG draws, then one more step), from the RNG
+    # states it saved (whatever drew from the global RNGs since: a plugin reseeding them).
+    legacy = torch.load(path, weights_only=False)
+    random.setstate(legacy["python_rng_state"])
+    np.random.set_state(legacy["numpy_rng_state"])
+    torch.set_rng_state(legacy["rng_state"])
     gen_state = gen.get_state()
     draws = (random.random(), float(np.random.rand()), torch.rand(3))
     random.seed(5), np.random.seed(6), torch.manual_seed(7)  # back to the saved RNG
