@@ -10,14 +10,23 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    create_default_local_save_plan,
+)
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
     ReadItem,
     SavePlan,
     SavePlanner,
+    WriteItem,
     WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import (
+    _compare_save_plans,
+    _create_write_item_for_tensor,
 )
 
 from ..errors import (
@@ -75,6 +84,45 @@ def _same_properties(plan: SavePlan, cached: SavePlan) -> bool:
     return plan.planner_data == cached.planner_data
 
 
+def _same_plan(plan: SavePlan, cached: SavePlan) -> bool:
+    if len(plan.items) == len(cached.items) and all(
+            a is b for a, b in zip(plan.items, cached.items)):
+        return plan.planner_data == cached.planner_data  # the items kept: _local_items
+    return _compare_save_plans(plan, cached) and _same_properties(plan, cached)
+
+
+# The write items of the last save's plain tensors, by plan-cache key and key, with
+# what they were made from. DCP makes five dataclasses per tensor per save (~8 us);
+# the next save of the same structure needs the very same ones.
+_ITEMS: dict[str, dict[str, tuple[tuple, WriteItem]]] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _local_items(cache_key: str, state_dict: dict[str, Any]) -> list[WriteItem]:
+    """create_default_local_save_plan's items: plain tensors' from the kept ones while
+    everything `_create_write_item_for_tensor` reads of them is unchanged (type, dtype,
+    layout, requires_grad, pinned, size); anything else (DTensor, ShardedTensor,
+    objects) made by DCP as always."""
+    kept = _ITEMS.get(cache_key, {})
+    fresh: dict[str, tuple[tuple, WriteItem]] = {}
+    items: list[WriteItem] = []
+    for fqn, obj in state_dict.items():
+        if type(obj) in _PLAIN:
+            sig = (type(obj), obj.dtype, obj.layout, obj.requires_grad, obj.is_pinned(),
+                   obj.size())
+            got = kept.get(fqn)
+            item = got[1] if got is not None and got[0] == sig else \
+                _create_write_item_for_tensor(fqn, obj)
+            fresh[fqn] = (sig, item)
+            items.append(item)
+        else:
+            items += create_default_local_save_plan({fqn: obj}, True).items
+    if len(_ITEMS) >= 64:  # one entry per process group and thread that saves
+        _ITEMS.clear()
+    _ITEMS[cache_key] = fresh
+    return items
+
+
 def forget_plans() -> None:
     """Drop every cached plan of SafeSavePlanner (all groups and threads)."""
     for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans,
@@ -109,12 +157,18 @@ class SafeSavePlanner(DefaultSavePlanner):
         return io.BytesIO(data) if data is not None else super().resolve_data(write_item)
 
     def create_local_plan(self) -> SavePlan:
-        out = super().create_local_plan()
-        plan = self.plan  # the full local plan, also when DCP's cache says "unchanged"
-        if not out.usable:
+        # DefaultSavePlanner.create_local_plan, with the write items of plain tensors
+        # kept from the last save (_local_items) and DCP's "unchanged" answer also
+        # requiring equal dtypes and requires_grad (_same_properties).
+        plan = SavePlan(_local_items(self._cached_plans_key, self.state_dict))
+        if self.flatten_state_dict:
+            plan = dataclasses.replace(plan, planner_data=self.mappings)
+        self.plan = out = plan  # the full local plan, also when the answer is "unchanged"
+        if self._enable_plan_caching:
             cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
-            if cached is None or not _same_properties(plan, cached):
-                out = plan
+            if cached is not None and _same_plan(plan, cached):
+                out = SavePlan([], usable=False)
+            else:
                 self._pending_local_plan = plan  # promoted to DCP's cache by finish_plan
         self._serialized.clear()
         for item in plan.items:
