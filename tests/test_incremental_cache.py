@@ -1,5 +1,5 @@
 """The caches of incremental saves are never stale: the manifests this process committed
-(io/committed.read_committed) and the base index (io/dedupe.BaseIndex.open)."""
+(io/committed.read_committed) and the base index (io/base_index.BaseIndex.open)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import shardckpt
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format import MANIFEST_NAME
-from shardckpt.io import committed, dedupe
+from shardckpt.io import base_index, committed
 from shardckpt.io.reader import read_manifest
 from tests.workers import incremental as W
 
@@ -70,11 +70,11 @@ def test_read_committed_returns_what_was_committed_and_nothing_stale(tmp_path):
 def test_base_index_is_reused_only_for_the_same_base_manifest(tmp_path):
     base, target = str(tmp_path / "s1"), str(tmp_path / "s2")
     shardckpt.save(_state(1, 2), base, block_size=BS)
-    first = dedupe.BaseIndex.open(base, target)
-    assert dedupe.BaseIndex.open(base, target) is first
-    assert dedupe.BaseIndex.open(base, str(tmp_path / "s3")) is not first
+    first = base_index.BaseIndex.open(base, target)
+    assert base_index.BaseIndex.open(base, target) is first
+    assert base_index.BaseIndex.open(base, str(tmp_path / "s3")) is not first
     shardckpt.save(_state(1, 2), base, block_size=BS)  # rewritten: a new manifest
-    assert dedupe.BaseIndex.open(base, target) is not first
+    assert base_index.BaseIndex.open(base, target) is not first
 
 
 def test_a_base_replaced_on_disk_between_saves_is_indexed_afresh(tmp_path):

@@ -174,7 +174,7 @@ def test_an_unchanged_item_shares_its_bases_record_entry_and_text(tmp_path):
 
 
 def test_reuse_refuses_other_layouts_other_bytes_and_holders_the_save_replaces(tmp_path):
-    from shardckpt.io.dedupe import BaseIndex
+    from shardckpt.io.base_index import BaseIndex
 
     t = (torch.arange(4096, dtype=torch.float32) % 97).to(torch.bfloat16)  # compressible
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -69,7 +69,7 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
     """Assemble the manifest from every rank's write results (coordinator only).
 
     `like`: the base of an incremental save. A chunk a rank settled with the base's own
-    record (dedupe.BaseIndex.reuse) is that record, and a tensor all of whose chunks
+    record (io/base_index.BaseIndex.reuse) is that record, and a tensor all of whose chunks
     are is the base's entry: the same objects, whose manifest text is kept."""
     if len(results) != len(expected):
         raise SaveFailedError(

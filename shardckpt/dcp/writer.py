@@ -26,7 +26,7 @@ from torch.futures import Future
 from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
-from ..io import dedupe
+from ..io import base_index
 from ..io.bases import refuse_overwrite_of_base
 from ..io.data_writer import DataFileWriter, tensor_bytes
 from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
@@ -76,7 +76,7 @@ class ShardWriter(StorageWriter):
         self._plans: list[SavePlan] = []
         self._expected: dict[int, int | None] = {}
         self._commit: CheckpointWrite | None = None
-        self._base_index: dedupe.BaseIndex | None = None  # the coordinator's choice
+        self._base_index: base_index.BaseIndex | None = None  # the coordinator's choice
 
     # -- StorageWriter protocol
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -104,7 +104,7 @@ class ShardWriter(StorageWriter):
         # Bound to the bucket first: the base index and the overwrite check reach the
         # store through the same options as the commit.
         storage_for(self.path, self.storage_options)
-        self._base_index = dedupe.choose_base(self.base, self.path, plans)
+        self._base_index = base_index.choose_base(self.base, self.path, plans)
         self._base_used = None if self._base_index is None else self._base_index.base
         if self.overwrite:
             refuse_overwrite_of_base(norm_path(self.path))
@@ -149,7 +149,7 @@ class ShardWriter(StorageWriter):
         # The coordinator's own rank dedupes with the index it chose the base by.
         chosen = self._base_index
         index = self._index = (chosen if chosen is not None and chosen.base == info.base
-                               else dedupe.index_for(info.base, self.path))
+                               else base_index.index_for(info.base, self.path))
         # borrow: the state (or an async save's staging copy) outlives this call and DCP
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
@@ -176,7 +176,7 @@ class ShardWriter(StorageWriter):
                     for i, n in self._expected.items()}
         index = None
         if self._base_used is not None:
-            index = getattr(self, "_index", None) or dedupe.BaseIndex.open(self._base_used, final)
+            index = getattr(self, "_index", None) or base_index.BaseIndex.open(self._base_used, final)
         manifest = manifest_from_results(
             metadata, results, expected, final=final, codec=self._codec_json(results),
             user_metadata=self.user_metadata, versions=runtime_versions(),

@@ -1,7 +1,7 @@
 """Manifests this process committed, remembered so that the manager need not parse them again.
 
 `commit.Commit.finalize` calls `remember_committed`; the manager (listing,
-retention, refcounts, choosing the next base) and `dedupe.BaseIndex` read
+retention, refcounts, choosing the next base) and `base_index.BaseIndex` read
 through `read_committed`, which falls back to `reader.read_manifest`.
 """
 

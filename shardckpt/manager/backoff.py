@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..format import Manifest
-from ..io.dedupe import manifest_items
+from ..io.base_index import manifest_items
 
 log = logging.getLogger("shardckpt")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ShardckptError
 from ..format.names import MANIFEST_NAME, RETIRED_MANIFEST
+from ..io.base_index import holder_names
 from ..io.committed import read_committed
-from ..io.dedupe import holder_names
 from ..io.fsutil import fsync_dir
 from ..io.storage import is_url, join, storage_for
 from .catalog import delete_checkpoint, step_entries
