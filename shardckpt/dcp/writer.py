@@ -154,9 +154,12 @@ class ShardWriter(StorageWriter):
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
                             adaptive=True, base_index=index, borrow=True) as out:
-            records = out.append_many(payloads(), [
+            # Each item's place, for the base's item there (BaseIndex.reuse): only when
+            # there is a base.
+            where = None if index is None else [
                 (it.index.fqn, None if it.index.offset is None else tuple(it.index.offset))
-                for it in plan.items])
+                for it in plan.items]
+            records = out.append_many(payloads(), where)
         stats = out.codec_summary()
         rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,
                             items_compressed=stats.get("items_compressed", 0),
