@@ -63,6 +63,37 @@ def test_an_exact_multiple_of_the_chunk_needs_no_truncation(ddir):
     assert open(path, "rb").read() == body
 
 
+def test_a_file_smaller_than_a_chunk_is_written_whole_at_close_without_padding(ddir, monkeypatch):
+    reserved, writes = [], []
+    real_pwrite = sinks._pwrite
+
+    def spy(fd: int, data, offset: int) -> int:  # noqa: ANN001
+        writes.append((offset, len(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL)
+                                               & direct_sink.DIRECT_FLAG)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(sinks, "_pwrite", spy)
+    real_reserve = os.posix_fallocate
+    monkeypatch.setattr(direct_sink.os, "posix_fallocate",
+                        lambda *a: reserved.append(a) or real_reserve(*a))
+    path = str(ddir / "f.bin")
+    body = [os.urandom(n) for n in (1, 5000, CHUNK - 6000)]  # CHUNK - 999 bytes in all
+    sink = DirectSink(path, streams=2, chunk=CHUNK)
+    for b in body:
+        sink.write(memoryview(b))
+    assert not writes and not sink._threads  # nothing written, no stream started yet
+    sink.close()
+    assert open(path, "rb").read() == b"".join(body)
+    # one buffered write of the true length: no reserve ahead, no padding to truncate
+    assert writes == [(0, CHUNK - 999, False)] and not reserved and not sink._threads
+    assert sink.direct  # not a fallback: a larger file still goes direct
+    big = DirectSink(str(ddir / "g.bin"), chunk=CHUNK)
+    big.write(memoryview(b"z" * (CHUNK + 1)))
+    big.close()
+    assert [d for _, _, d in writes[1:]] == [True, True]
+    assert open(ddir / "g.bin", "rb").read() == b"z" * (CHUNK + 1)
+
+
 def test_write_copies_so_the_caller_may_reuse_its_buffer(ddir):
     path = str(ddir / "f.bin")
     buf = bytearray(b"a" * (CHUNK + 10))
