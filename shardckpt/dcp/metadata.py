@@ -76,7 +76,9 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
             f"{final}: {len(results)} of {len(expected)} ranks reported write results; "
             f"nothing was committed. Retry the save.")
     files: dict[str, FileEntry] = {}
-    by_index: dict[MetadataIndex, StoredItem] = {}
+    # Keyed (fqn, offsets) rather than by MetadataIndex: the same identity (a torch.Size
+    # hashes and compares as the tuple it is) without building one key per item per save.
+    by_index: dict[tuple[str, tuple[int, ...] | None], StoredItem] = {}
     for rank, res in enumerate(results):
         if len(res) != expected[rank]:
             raise SaveFailedError(
@@ -85,7 +87,7 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
         for r in res:
             item, rf = r.storage_data
             files[rf.file] = FileEntry(rank=rf.rank, size=rf.size, crc32=rf.crc32)
-            by_index[r.index] = item
+            by_index[(r.index.fqn, r.index.offset)] = item
     tensors: dict[str, TensorEntry] = {}
     objects: dict[str, ObjectEntry] = {}
     old = {} if like is None else like.tensors
@@ -93,7 +95,7 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
         if isinstance(md, TensorStorageMetadata):
             chunks = []
             for ch in md.chunks:
-                it = by_index.get(MetadataIndex(fqn, ch.offsets))
+                it = by_index.get((fqn, ch.offsets))
                 if it is None:
                     raise SaveFailedError(f"{final}: no rank wrote chunk {list(ch.offsets)} "
                                           f"of {fqn!r}; nothing was committed.")
@@ -101,16 +103,19 @@ def manifest_from_results(metadata: Metadata, results: list[list[WriteResult]],
                 if not (type(it) is Chunk and it.offsets == offsets and it.sizes == sizes):
                     it = Chunk(offsets=offsets, sizes=sizes, **it.stored_fields())
                 chunks.append(it)
-            entry = TensorEntry(dtype=dtype_name(md.properties.dtype), shape=tuple(md.size),
-                                requires_grad=bool(md.properties.requires_grad),
-                                chunks=tuple(chunks))
+            dtype, shape = dtype_name(md.properties.dtype), tuple(md.size)
+            grad = bool(md.properties.requires_grad)
             prev = old.get(fqn)
-            if prev is not None and len(prev.chunks) == len(chunks) and all(
-                    a is b for a, b in zip(prev.chunks, chunks)) and prev == entry:
-                entry = prev
-            tensors[fqn] = entry
+            if (prev is not None and len(prev.chunks) == len(chunks)
+                    and all(a is b for a, b in zip(prev.chunks, chunks))
+                    and prev.dtype == dtype and prev.shape == shape
+                    and prev.requires_grad == grad):
+                tensors[fqn] = prev  # the base's entry: its kept text too
+            else:
+                tensors[fqn] = TensorEntry(dtype=dtype, shape=shape, requires_grad=grad,
+                                           chunks=tuple(chunks))
         else:
-            it = by_index.get(MetadataIndex(fqn))
+            it = by_index.get((fqn, None))
             if it is None:
                 raise SaveFailedError(f"{final}: no rank wrote object {fqn!r}; "
                                       f"nothing was committed.")

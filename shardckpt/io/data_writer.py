@@ -40,8 +40,11 @@ _WRITE_QUEUE_BYTES = 64 << 20
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The row-major bytes of a tensor as a zero-copy view where possible."""
-    t = t.detach()
-    if t.device.type != "cpu":
+    # Checked before acting: a save calls this for every tensor of the state, and most are
+    # detached CPU tensors already (state_dict() detaches).
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()

@@ -121,6 +121,22 @@ def test_to_bytes_round_trips(saved):
     assert json.loads(m.to_bytes()) == saved[1]
 
 
+def test_planner_data_text_follows_every_change_to_it(saved):
+    # to_bytes keeps the last planner_data text while an equal one comes again; a change,
+    # even to the very dict it serialized, must show in the bytes and their checksum.
+    m = parse_manifest(saved[0], "a")
+    assert m.planner_data and json.loads(m.to_bytes())["planner_data"] == m.planner_data
+    key = next(iter(m.planner_data))
+    m.planner_data[key].append("changed")
+    for _ in range(2):
+        out = m.to_bytes()
+        assert json.loads(out)["planner_data"][key][-1] == "changed"
+        assert json.loads(_sealed(json.loads(out)))["checksum"] == json.loads(out)["checksum"]
+        assert parse_manifest(out, "b").planner_data == m.planner_data
+    m.planner_data[key].pop()
+    assert m.to_bytes() == parse_manifest(saved[0], "c").to_bytes()
+
+
 def _placed(d, chunks):
     """Give synthetic chunks their own bytes past the file's real items (items of one
     file may not share bytes), growing the recorded file size to hold them."""
