@@ -147,7 +147,7 @@ def test_an_unchanged_item_shares_its_bases_record_entry_and_text(tmp_path):
     # BaseIndex.reuse: a tensor whose blocks are those of the base's item at the same
     # place is settled in one lookup; once the base's record is all references, the new
     # manifest holds that very entry (and its kept text), not an equal copy.
-    from shardckpt.format import manifest as manifest_mod
+    from shardckpt.format import texts
     from shardckpt.io.committed import read_committed
 
     g = torch.Generator().manual_seed(3)
@@ -166,7 +166,8 @@ def test_an_unchanged_item_shares_its_bases_record_entry_and_text(tmp_path):
     assert [r[2] for r in _refs(on_disk, "base")] == ["../s0"]
     assert on_disk["tensors"]["base"] == _manifest(paths[1])["tensors"]["base"]
     # The text kept for the shared entry is the text of that entry.
-    manifest_mod._TEXTS.clear()
+    texts._TEXTS.clear()
+    texts._PLANNER.clear()
     assert json.loads(m3.to_bytes()) == on_disk
     out = _loaded(paths[3])
     assert torch.equal(out["base"], base) and torch.equal(out["small"], small)
