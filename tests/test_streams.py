@@ -71,6 +71,89 @@ def test_local_sink_full_disk_is_a_typed_error_naming_the_file(tmp_path, monkeyp
     sink.abort()
 
 
+def _counting_pwrite(monkeypatch, fail_past: int | None = None) -> list[tuple[int, int, str]]:
+    """(offset, length, thread name) of every data write; ENOSPC past `fail_past` bytes."""
+    calls: list[tuple[int, int, str]] = []
+
+    def pw(fd: int, data: memoryview, offset: int) -> int:
+        calls.append((offset, len(data), threading.current_thread().name))
+        if fail_past is not None and offset + len(data) > fail_past:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.pwrite(fd, data, offset)
+
+    monkeypatch.setattr(sinks, "_pwrite", pw)
+    return calls
+
+
+def test_a_file_smaller_than_the_hold_is_written_at_close_by_the_caller(tmp_path, monkeypatch):
+    calls = _counting_pwrite(monkeypatch)
+    started = []
+    monkeypatch.setattr(threading.Thread, "start",
+                        lambda self, real=threading.Thread.start: (started.append(self.name),
+                                                                   real(self))[1])
+    path = str(tmp_path / "f.bin")
+    pieces = [b"a" * 1000, b"b" * (MB + 3), b"", b"c" * 17]
+    sink = LocalSink(path, streams=4)
+    for p in pieces:
+        sink.write(memoryview(p))
+    assert calls == [] and os.path.getsize(path) == 0  # held until close
+    sink.close()
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(pieces)
+    assert started == [] and {c[2] for c in calls} == {threading.current_thread().name}
+    assert [c[0] for c in calls] == [0, 1000, 1000 + MB + 3]
+
+    # One byte past the hold: the streams take over, and every byte still lands in place.
+    calls.clear()
+    big = [bytes([i]) * MB for i in range(4)] + [b"z"]
+    sink = LocalSink(str(tmp_path / "g.bin"), streams=2)
+    for p in big:
+        sink.write(memoryview(p))
+    sink.close()
+    with open(tmp_path / "g.bin", "rb") as f:
+        assert f.read() == b"".join(big)
+    assert len(started) == 2 and all(c[2].startswith("shardckpt-stream") for c in calls)
+
+
+def test_a_held_file_that_hits_a_full_disk_is_a_typed_error_and_abort_writes_nothing(
+        tmp_path, monkeypatch):
+    calls = _counting_pwrite(monkeypatch, fail_past=MB)
+    path = str(tmp_path / "f.bin")
+    sink = LocalSink(path, streams=2, rank=1)
+    sink.write(memoryview(b"x" * (2 * MB)))
+    with pytest.raises(shardckpt.InsufficientSpaceError) as ei:
+        sink.close()
+    assert path in str(ei.value) and "rank 1" in str(ei.value)
+    sink.abort()
+    assert not os.path.exists(path)
+
+    calls.clear()
+    sink = LocalSink(path, streams=2)
+    sink.write(memoryview(b"x" * 100))
+    sink.abort()
+    assert calls == [] and not os.path.exists(path)
+
+
+def test_a_data_file_of_one_job_is_written_without_a_writer_thread(tmp_path, monkeypatch):
+    """An incremental save's small data file: DataFileWriter hands its one job over in
+    close(), on the calling thread, and the bytes and checksums are those of the items."""
+    started = []
+    monkeypatch.setattr(threading.Thread, "start",
+                        lambda self, real=threading.Thread.start: (started.append(self.name),
+                                                                   real(self))[1])
+    items = _items(n=3, numel=4096)
+    sink = _MemorySink()
+    cfg = codec.CodecConfig(block_size=256 * 1024, compression="none")
+    w = DataFileWriter(sink, "data/r0.bin", cfg, threads=2, rank=0)
+    with w:
+        recs = w.append_many((data_writer.tensor_bytes(t), 4) for t in items)
+        assert sink.buf == b""
+    assert "shardckpt-writer" not in started
+    assert sink.threads == {threading.get_ident()} and sink.closed
+    assert w.size == len(sink.buf) and w.crc == zlib.crc32(sink.buf)
+    assert _decode_all(bytes(sink.buf), recs, cfg) == [t.numpy().tobytes() for t in items]
+
+
 class _MemorySink:
     """A sink in memory that checks the protocol: one calling thread, consecutive ranges."""
 

@@ -183,28 +183,37 @@ class DataFileWriter:
         self._budget = threading.Semaphore(max(1, _WRITE_QUEUE_BYTES // cfg.block_size))
         self._err: list[BaseException] = []
         self._closed = False
-        self._th = threading.Thread(target=self._drain, name="shardckpt-writer", daemon=True)
-        self._th.start()
+        # Started with the first job handed over before close: a file whose blocks all
+        # fit in one job (an incremental save's) is written by close() itself.
+        self._th: threading.Thread | None = None
 
     def _drain(self) -> None:
         while True:
             job = self._q.get()
             if job is None:
                 return
-            try:
-                for blob, crc in _coalesced(job):
-                    if self._err:
-                        break
-                    t0 = time.perf_counter()
-                    self.sink.write(memoryview(blob))
-                    if self.policy is not None:
-                        self.policy.observe_write(len(blob), time.perf_counter() - t0)
-                    self.crc = crc32_combine(self.crc, crc, len(blob))
-                    self.size += len(blob)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                self._err.append(e)
-            finally:
-                self._budget.release()
+            self._write_job(job)
+
+    def _write_job(self, job: list[tuple[Any, int]]) -> None:
+        try:
+            for blob, crc in _coalesced(job):
+                if self._err:
+                    break
+                t0 = time.perf_counter()
+                self.sink.write(memoryview(blob))
+                if self.policy is not None:
+                    self.policy.observe_write(len(blob), time.perf_counter() - t0)
+                self.crc = crc32_combine(self.crc, crc, len(blob))
+                self.size += len(blob)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self._err.append(e)
+        finally:
+            self._budget.release()
+
+    def _stop_writer(self) -> None:
+        if self._th is not None:
+            self._q.put(None)
+            self._th.join()
 
     def _encode(self, raw: memoryview, group: int, inner: int,
                 digests: list[bytes] | None = None, hits: list | None = None) -> Encoded:
@@ -314,6 +323,14 @@ class DataFileWriter:
         self._budget.acquire()
         if self._err:
             raise self._error()
+        if self._th is None:
+            if self._closed:
+                job, self._pending, self._pending_bytes = self._pending, [], 0
+                self._write_job(job)
+                return
+            self._th = threading.Thread(target=self._drain, name="shardckpt-writer",
+                                        daemon=True)
+            self._th.start()
         self._q.put(self._pending)
         self._pending = []
         self._pending_bytes = 0
@@ -332,8 +349,7 @@ class DataFileWriter:
             self._flush()
         except BaseException as e:  # noqa: BLE001 - raised below, once the writer stopped
             flush_error = e
-        self._q.put(None)
-        self._th.join()
+        self._stop_writer()
         if self._err or flush_error is not None:
             self.sink.abort()
             raise self._error() if self._err else flush_error
@@ -355,6 +371,5 @@ class DataFileWriter:
             self.close()
         elif not self._closed:  # the caller's error wins; stop the writer without masking it
             self._closed = True
-            self._q.put(None)
-            self._th.join()
+            self._stop_writer()
             self.sink.abort()

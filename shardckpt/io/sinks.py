@@ -20,6 +20,8 @@ from .fsutil import typed_os_error
 _SYNC_EVERY = 64 << 20
 # Bytes handed to the streams but not yet written, per stream, before `write` blocks.
 _INFLIGHT_PER_STREAM = 32 << 20
+# Bytes held before the streams start (LocalSink): below it a file is one write at close.
+_HOLD_BYTES = 4 << 20
 # The write call, by name, so a test can make the disk fill up at a chosen offset.
 _pwrite = os.pwrite
 
@@ -115,10 +117,32 @@ class LocalSink(StreamedFile):
         self._room = threading.Semaphore(self._room_mib)
         self._err: list[BaseException] = []
         self._stop = False
+        # The streams start with the file's first _HOLD_BYTES: a smaller file (an
+        # incremental save's few changed tensors) is written at close by the calling
+        # thread, without starting and joining a thread per stream for it.
+        self._threads: list[threading.Thread] = []
+        self._held: list[memoryview] = []
+        self._held_bytes = 0
+
+    def _start_streams(self) -> None:
         self._threads = [threading.Thread(target=self._stream, name=f"shardckpt-stream{i}",
                                           daemon=True) for i in range(self.streams)]
         for t in self._threads:
             t.start()
+        offset = 0
+        for view in self._held:
+            self._enqueue(offset, view)
+            offset += len(view)
+        self._held, self._held_bytes = [], 0
+
+    def _write_range(self, view: memoryview, offset: int) -> None:
+        while view:
+            # A short pwrite (disk filling up) is retried, so it raises ENOSPC
+            # instead of leaving a silently short file.
+            n = _pwrite(self._fd, view, offset)
+            if n <= 0:
+                raise OSError(f"write to {self.name} made no progress")
+            view, offset = view[n:], offset + n
 
     def _stream(self) -> None:
         unsynced = 0
@@ -129,13 +153,8 @@ class LocalSink(StreamedFile):
             offset, view, mib = job
             try:
                 if not self._err and not self._stop:
-                    while view:
-                        # A short pwrite (disk filling up) is retried, so it raises
-                        # ENOSPC instead of leaving a silently short file.
-                        n = _pwrite(self._fd, view, offset)
-                        if n <= 0:
-                            raise OSError(f"write to {self.name} made no progress")
-                        view, offset, unsynced = view[n:], offset + n, unsynced + n
+                    self._write_range(view, offset)
+                    unsynced += len(view)
                     if unsynced >= self.sync_every:
                         # While this stream waits for the device the others keep
                         # writing, and close() only waits for the tail.
@@ -152,11 +171,34 @@ class LocalSink(StreamedFile):
         n = len(data)
         if not n:
             return
-        mib = min(max(1, n >> 20), self._room_mib)
+        view = memoryview(data).cast("B")
+        if not self._threads:
+            self._held.append(view)
+            self._held_bytes += n
+            self.offset += n
+            if self._held_bytes >= _HOLD_BYTES:
+                self._start_streams()
+            return
+        self._enqueue(self.offset, view)
+        self.offset += n
+
+    def _enqueue(self, offset: int, view: memoryview) -> None:
+        mib = min(max(1, len(view) >> 20), self._room_mib)
         for _ in range(mib):  # back-pressure: at most the in-flight budget is queued
             self._room.acquire()
-        self._q.put((self.offset, memoryview(data).cast("B"), mib))
-        self.offset += n
+        self._q.put((offset, view, mib))
+
+    def _join(self) -> None:
+        if self._held and not self._stop:
+            offset = 0
+            try:
+                for view in self._held:
+                    self._write_range(view, offset)
+                    offset += len(view)
+            except BaseException as e:  # noqa: BLE001 - raised by close()
+                self._err.append(e)
+        self._held, self._held_bytes = [], 0
+        super()._join()
 
 def open_sink(staging_dir: str, rel: str, *, rank: int | None = None) -> DataSink:
     """The sink for data file `rel` of a save's staging directory: the one place a storage
