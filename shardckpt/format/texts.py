@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # alternate); bounded; a miss only costs the serialization.
 _TEXTS: dict[str, list[tuple[TensorEntry, str]]] = {}
 _TEXTS_MAX, _TEXTS_PER_KEY = 1 << 16, 2
+# json.dumps with arguments builds an encoder per call: a quarter of the time of a
+# tensor entry's text (~100 changed entries an incremental save).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def entry_text(key: str, entry: TensorEntry) -> str:
@@ -35,7 +38,7 @@ def entry_text(key: str, entry: TensorEntry) -> str:
     for e, text in kept:
         if e == entry:
             return text
-    text = json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = _CANONICAL.encode(entry.to_json())
     kept.insert(0, (entry, text))
     del kept[_TEXTS_PER_KEY:]
     return text

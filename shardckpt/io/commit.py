@@ -23,7 +23,6 @@ import errno
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 
@@ -56,9 +55,11 @@ from .fsutil import (
     write_file_atomic,
     write_file_durable,
 )
+from .heartbeat import Heartbeat
 from .storage import storage_for
 
 HEARTBEAT_S = 30.0
+_HEARTBEAT = Heartbeat(HEARTBEAT_S)
 # The temp name a staging directory is built under (short: it must fit NAME_MAX
 # whatever the checkpoint's name).
 INIT_NAME = "shardckpt-staging"
@@ -139,10 +140,7 @@ class Commit:
         self.staging = staging
         self.overwrite = overwrite
         self.manifest_bytes = 0
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name="shardckpt-heartbeat",
-                                      daemon=True)
-        self._beat.start()
+        _HEARTBEAT.add(staging)
 
     @classmethod
     def create(cls, final: str, *, overwrite: bool, save_id: str, world_size: int) -> Commit:
@@ -185,15 +183,8 @@ class Commit:
     def data_name(self, rank: int) -> str:
         return data_file_name(rank)
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.staging)
-            except OSError:
-                return
-
     def _stop_heartbeat(self) -> None:
-        self._stop.set()
+        _HEARTBEAT.remove(self.staging)
 
     def finalize(self, manifest: Manifest) -> None:
         """Write the manifest durably, then publish the directory under its final name."""
