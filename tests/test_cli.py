@@ -225,7 +225,7 @@ _LIMITED = textwrap.dedent("""
     warnings.simplefilter("ignore")
     import torch
     from shardckpt.cli import main
-    # Warm up with the same command on a tiny checkpoint: thread pools, writer
+    # Warm up with the same command on a small checkpoint: thread pools, writer
     # threads and lazy imports exist before the baseline is measured, so the
     # limit bounds only what the data needs.
     argv = sys.argv[3].split("|")
@@ -268,7 +268,10 @@ def test_large_checkpoint_under_memory_limit(tmp_path: Path) -> None:
     assert total > 290e6
     shardckpt.save(state, str(big), compression="none")
     del state
-    shardckpt.save({"t": torch.ones(3)}, str(tiny))
+    # 12 MiB: above what a sink writes from the calling thread at close (4 MiB) and
+    # more than one writer job, so the warm-up starts the stream and writer threads
+    # (their stacks and malloc arenas count against the address-space limit).
+    shardckpt.save({"t": torch.ones(3 << 20)}, str(tiny), compression="none")
     env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1", SHARDCKPT_THREADS="2")
     resident = 180 << 20
     jobs = {"reshard": (f"reshard|{big}|{tmp_path / 'rs'}|--world-size|2|-q", 180 << 20),
