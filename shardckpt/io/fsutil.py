@@ -162,8 +162,11 @@ def typed_os_error(e: OSError, who: str, what: str) -> BaseException:
             errno.ENOSPC, f"{who}: disk full while {what} ({detail}); nothing was committed "
             f"and earlier checkpoints are intact. Free space and retry.")
     else:
+        # ENOMEM reaches here from a thread that could not start or a buffer that could
+        # not be mapped: the disk is not what to check then.
+        todo = ("Free memory (or lower SHARDCKPT_THREADS), then retry"
+                if e.errno == errno.ENOMEM else "Check the disk and permissions, then retry")
         err = SaveFailedError(f"{who}: {what} failed ({detail}); nothing was committed and "
-                              f"earlier checkpoints are intact. Check the disk and permissions, "
-                              f"then retry.")
+                              f"earlier checkpoints are intact. {todo}.")
     err.__cause__ = e
     return err
