@@ -18,6 +18,14 @@ class Heartbeat:
         self._paths: set[str] = set()
         self._lock = threading.Lock()
         self._pid: int | None = None
+        if hasattr(os, "register_at_fork"):
+            # A fork while the thread holds the lock would leave the child's copy held.
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self._paths = set()
+        self._pid = None
 
     def add(self, path: str) -> None:
         with self._lock:

@@ -56,3 +56,30 @@ def test_a_forked_child_beats_for_its_own_saves_only(tmp_path):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_fork_while_the_lock_is_held_leaves_the_child_a_free_one(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    hb = Heartbeat(0.05)
+    hb.add(str(tmp_path))
+    with hb._lock:  # as if the parent's thread were in beat() at the fork
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                hb.add(str(d))  # would wait forever on the copied, held lock
+                code = 0 if hb._paths == {str(d)} else 2
+            finally:
+                os._exit(code)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the child hung on the heartbeat's lock")
+    assert os.waitstatus_to_exitcode(status) == 0
