@@ -1,9 +1,10 @@
 """How much slower training steps run while shardckpt.async_save works in the background.
 
 A small MLP trains on CPU (forward, backward, Adam). Each repetition times a
-window of steps with no save, then a window in which background saves of a
-separate ~--size-gb training state run back to back (a new `async_save` as soon
-as the previous one is durable). The ratio of the median step times is the
+window of steps with no save, then for each --writer (SHARDCKPT_ASYNC_WRITER: the
+writer process, or a thread of this process) a window in which background saves
+of a separate ~--size-gb training state run back to back (a new `async_save` as
+soon as the previous one is durable). The ratio of the median step times is the
 slowdown; windows alternate so drifts of a shared machine hit both alike.
 
 Each window also records, per step, where the training threads' time went
@@ -13,6 +14,7 @@ contention), and the rest (blocked: the GIL, I/O, locks); and the CPU time the
 background threads used. That attributes a slowdown to its cause.
 
     python benchmarks/train_slowdown.py --torch-threads 1 2 --size-gb 0.5 --reps 5
+    python benchmarks/train_slowdown.py --writer thread   # the save's writing in a thread only
     python benchmarks/train_slowdown.py --background python-spin   # control: a GIL hog
     python benchmarks/train_slowdown.py --background write-only    # control: storage only
 """
@@ -154,11 +156,29 @@ def _write_only(stop: threading.Event, path: Path, state: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _helper_cpu_s() -> float:
+    """CPU seconds the async writer process (io/writer_process.py) has used so far."""
+    from shardckpt.io import writer_process
+
+    h = writer_process._helper
+    if h is None or not h.alive():
+        return 0.0
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{h.proc.pid}/task"):
+            with open(f"/proc/{h.proc.pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError):
+        pass
+    return total / 1e9
+
+
 def _window(trainer: Trainer, bg: Background | None, steps: int, saves: int) -> dict:
     rows: list[dict[str, float]] = []
     dirty: list[float] = []
     tids0 = set(_tids())
     bg_before = {t: _schedstat(t) for t in tids0 - trainer.training_tids}
+    helper0 = _helper_cpu_s()
     wall0 = time.perf_counter()
     if bg is None:
         for _ in range(steps):
@@ -181,11 +201,13 @@ def _window(trainer: Trainer, bg: Background | None, steps: int, saves: int) -> 
     for t in set(_tids()) - trainer.training_tids:
         run0 = bg_before.get(t, (0, 0))[0]
         bg_cpu += (_schedstat(t)[0] - run0) / 1e9
+    bg_cpu += max(0.0, _helper_cpu_s() - helper0)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"steps": len(rows), "wall_s": wall, "step_s": med["wall"],
             "main_cpu_s": med["main_cpu"], "runq_wait_s": med["runq_wait"],
             "blocked_s": max(0.0, med["wall"] - med["main_cpu"] - med["runq_wait"]),
-            "background_cpu_share": bg_cpu / wall,  # cores' worth used by other threads
+            # cores' worth used by other threads and by the writer process
+            "background_cpu_share": bg_cpu / wall,
             "dirty_mb_max": max(dirty) if dirty else None,
             "all_step_s": [round(r["wall"], 5) for r in rows]}
 
@@ -204,32 +226,43 @@ def run_loop(torch_threads: int, args: argparse.Namespace, state: dict, root: Pa
         bg.finish()
         _background_tids.update(set(_tids()) - trainer.training_tids)
         trainer.training_tids -= _background_tids
-    reps = []
+    writers = args.writer if args.background == "shardckpt" else [None]
+    reps: dict[Any, list[dict]] = {w: [] for w in writers}
+    stalls: dict[Any, list[float]] = {w: [] for w in writers}
+    durations: dict[Any, list[float]] = {w: [] for w in writers}
     for r in range(args.reps):
         alone = _window(trainer, None, args.steps, 0)
-        during = _window(trainer, bg, args.steps, args.saves)
-        ratio = during["step_s"] / alone["step_s"]
-        reps.append({"alone": alone, "during": during, "ratio": ratio})
-        print(f"  threads={torch_threads} rep {r + 1}/{args.reps}: step alone "
-              f"{alone['step_s'] * 1e3:6.1f} ms, during saves {during['step_s'] * 1e3:6.1f} ms "
-              f"({100 * (ratio - 1):+5.1f} %); during: runq {during['runq_wait_s'] * 1e3:.1f} ms, "
-              f"blocked {during['blocked_s'] * 1e3:.1f} ms, main cpu "
-              f"{during['main_cpu_s'] * 1e3:.1f} ms (alone {alone['main_cpu_s'] * 1e3:.1f}), "
-              f"bg {during['background_cpu_share']:.2f} cores, {during['steps']} steps",
-              flush=True)
-    ratios = [x["ratio"] for x in reps]
-    med = statistics.median(ratios)
+        # Each writer once per repetition, their order alternating, against the same alone window.
+        for w in (writers if r % 2 == 0 else writers[::-1]):
+            if w is not None:
+                os.environ["SHARDCKPT_ASYNC_WRITER"] = w
+            n_stall, n_dur = len(bg.stalls), len(bg.durations)
+            during = _window(trainer, bg, args.steps, args.saves)
+            stalls[w] += bg.stalls[n_stall:]
+            durations[w] += bg.durations[n_dur:]
+            ratio = during["step_s"] / alone["step_s"]
+            reps[w].append({"alone": alone, "during": during, "ratio": ratio})
+            print(f"  threads={torch_threads} writer={w or args.background} rep {r + 1}/"
+                  f"{args.reps}: step alone {alone['step_s'] * 1e3:6.1f} ms, during saves "
+                  f"{during['step_s'] * 1e3:6.1f} ms ({100 * (ratio - 1):+5.1f} %); during: runq "
+                  f"{during['runq_wait_s'] * 1e3:.1f} ms, blocked {during['blocked_s'] * 1e3:.1f}"
+                  f" ms, main cpu {during['main_cpu_s'] * 1e3:.1f} ms (alone "
+                  f"{alone['main_cpu_s'] * 1e3:.1f}), bg {during['background_cpu_share']:.2f} "
+                  f"cores, {during['steps']} steps", flush=True)
     keys = ("step_s", "main_cpu_s", "runq_wait_s", "blocked_s", "background_cpu_share")
-    return {
-        "torch_threads": torch_threads,
-        "slowdown_pct_median": 100 * (med - 1),
-        "slowdown_pct_all": [round(100 * (x - 1), 2) for x in ratios],
-        "alone": {k: statistics.median(x["alone"][k] for x in reps) for k in keys},
-        "during": {k: statistics.median(x["during"][k] for x in reps) for k in keys},
-        "save_stall_s": C.summarize(bg.stalls),
-        "save_duration_s": C.summarize(bg.durations),
-        "reps": reps,
-    }
+    out = {}
+    for w in writers:
+        ratios = [x["ratio"] for x in reps[w]]
+        out[w or args.background] = {
+            "slowdown_pct_median": 100 * (statistics.median(ratios) - 1),
+            "slowdown_pct_all": [round(100 * (x - 1), 2) for x in ratios],
+            "alone": {k: statistics.median(x["alone"][k] for x in reps[w]) for k in keys},
+            "during": {k: statistics.median(x["during"][k] for x in reps[w]) for k in keys},
+            "save_stall_s": C.summarize(stalls[w]),
+            "save_duration_s": C.summarize(durations[w]),
+            "reps": reps[w],
+        }
+    return {"torch_threads": torch_threads, "writers": out}
 
 
 _background_tids: set[int] = set()
@@ -247,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--compression", default="zstd", choices=["zstd", "none"])
+    ap.add_argument("--writer", nargs="+", default=["process", "thread"],
+                    choices=["process", "thread", "auto"],
+                    help="SHARDCKPT_ASYNC_WRITER values, each measured in every repetition")
     ap.add_argument("--background", default="shardckpt",
                     choices=["shardckpt", "python-spin", "write-only"])
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -269,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for lp in loops:
-        a, d = lp["alone"], lp["during"]
-        print(f"torch threads {lp['torch_threads']}: step {a['step_s'] * 1e3:.1f} ms alone, "
-              f"{d['step_s'] * 1e3:.1f} ms during saves: median slowdown "
-              f"{lp['slowdown_pct_median']:+.1f} % (reps {lp['slowdown_pct_all']}); "
-              f"save {lp['save_duration_s']['median']:.2f} s, stall "
-              f"{lp['save_stall_s']['median'] * 1e3:.0f} ms")
+        for w, x in lp["writers"].items():
+            a, d = x["alone"], x["during"]
+            print(f"torch threads {lp['torch_threads']}, writer {w}: step {a['step_s'] * 1e3:.1f}"
+                  f" ms alone, {d['step_s'] * 1e3:.1f} ms during saves: median slowdown "
+                  f"{x['slowdown_pct_median']:+.1f} % (reps {x['slowdown_pct_all']}); save "
+                  f"{x['save_duration_s']['median']:.2f} s, stall "
+                  f"{x['save_stall_s']['median'] * 1e3:.0f} ms, background "
+                  f"{d['background_cpu_share']:.2f} cores")
     doc = {"benchmark": "train_slowdown", "machine": C.machine_info(),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "worker_nice": os.environ.get("SHARDCKPT_WORKER_NICE"),

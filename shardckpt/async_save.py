@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from . import api, codec
 from .dcp.join import join
 from .gpu import staging as gpu_staging
+from .io import writer_process
 
 log = logging.getLogger("shardckpt")
 _ALIGN = 64
@@ -73,6 +74,9 @@ class StagingPool:
         self.cap_bytes = cap_bytes
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.arena: torch.Tensor | None = None
+        # The arena as memory the writer process maps too (io/writer_process.py); None when
+        # pinned (CUDA copies need page-locked memory) or the writer is a thread.
+        self.shared: writer_process.SharedArena | None = None
         self.allocations = 0  # how many times host memory was (re)allocated
 
     @property
@@ -85,9 +89,20 @@ class StagingPool:
     def _ensure(self, need: int) -> None:
         if need <= self.capacity:
             return
-        arena = torch.empty(need, dtype=torch.uint8)
-        if self.pin:
-            arena = arena.pin_memory()
+        old, self.shared = self.shared, None
+        if old is not None:
+            writer_process.forget(old.key)
+        if not self.pin and writer_process.mode() != "thread":
+            try:
+                self.shared = writer_process.SharedArena(need)
+            except OSError as e:  # memfd refused (a sandbox): the thread writes instead
+                log.debug("shardckpt: no shared staging arena (%s)", e)
+        if self.shared is not None:
+            arena = self.shared.tensor
+        else:
+            arena = torch.empty(need, dtype=torch.uint8)
+            if self.pin:
+                arena = arena.pin_memory()
         self.arena = arena
         self.allocations += 1
 
@@ -246,7 +261,8 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
         try:
             # Training runs meanwhile: leave it half the cores.
             save_kwargs.setdefault("threads", codec.default_threads())
-            api.save(staged, path, process_group=group, **save_kwargs)
+            with writer_process.offload(pool.shared):
+                api.save(staged, path, process_group=group, **save_kwargs)
         except BaseException as e:  # noqa: BLE001 - delivered through the handle
             handle._error = e
             log.error("shardckpt: async save to %s failed: %s", path, e)

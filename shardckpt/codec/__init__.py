@@ -29,6 +29,7 @@ from .threads import (
     item_pool,
     lower_thread_priority,
     pool,
+    writer_cpus,
 )
 
 log = logging.getLogger("shardckpt")
@@ -49,6 +50,7 @@ __all__ = [
     "py_encode_block", "py_decode_block", "check_block", "encode_buffer", "decode_item_blocks",
     "hash_buffer", "hash_buffers", "HASH_SIZE", "crc32",
     "default_threads", "blocking_threads", "pool", "item_pool", "lower_thread_priority",
+    "writer_cpus",
 ]
 
 # Bytes of a block digest: XXH3-128 in canonical (big-endian) form, i.e.

@@ -40,6 +40,36 @@ def blocking_threads() -> int:
     return max(1, min(16, _usable_cpus()))
 
 
+def writer_cpus() -> set[int] | None:
+    """CPUs an async save's writer process keeps to (None: wherever the scheduler likes).
+
+    SHARDCKPT_WRITER_CPUS: "auto" (default), "all", or a list like "6,7". Auto keeps the
+    writer on the last `default_threads()` CPUs of this rank's share, so a training
+    loop that leaves it cores has the others to itself: unpinned, the writer's threads
+    also run on the training core (2-core VM, one training thread: steps +12-19 %
+    unpinned, +4-6 % pinned, benchmarks/train_slowdown.py). A share of one CPU: None.
+    """
+    env = os.environ.get("SHARDCKPT_WRITER_CPUS", "auto").strip().lower()
+    try:
+        aff = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return None
+    if env in ("all", ""):
+        return None
+    if env != "auto":
+        chosen = {int(c) for c in env.split(",") if c.strip()} & set(aff)
+        return chosen or None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    mine = aff
+    if local > 1 and len(aff) >= (os.cpu_count() or len(aff)):
+        share = len(aff) // local  # every rank sees all CPUs: each takes its slice
+        rank = int(os.environ.get("LOCAL_RANK", "0") or 0) % local
+        mine = aff[rank * share:(rank + 1) * share]
+    if len(mine) < 2:
+        return None
+    return set(mine[-max(1, min(len(mine) // 2, default_threads())):])
+
+
 def lower_thread_priority(background: bool = False) -> None:
     """Raise this thread's nice value (SHARDCKPT_WORKER_NICE, default 10).
 
@@ -139,3 +169,16 @@ def item_pool(threads: int) -> ThreadPoolExecutor:
                 max_workers=threads, thread_name_prefix="shardckpt-items",
                 initializer=_initializer(key[1]))
         return p
+
+
+def _forget_pools_in_child() -> None:
+    # A forked child has none of the parent's worker threads: a pool that believes it has
+    # its workers would queue jobs that never run (a save from a forked child hung).
+    global _pool_lock
+    _pools.clear()
+    _item_pools.clear()
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)

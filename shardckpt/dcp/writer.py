@@ -26,7 +26,7 @@ from torch.futures import Future
 from .. import codec
 from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
-from ..io import base_index
+from ..io import base_index, writer_process
 from ..io.bases import refuse_overwrite_of_base
 from ..io.data_writer import DataFileWriter, tensor_bytes
 from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
@@ -145,11 +145,16 @@ class ShardWriter(StorageWriter):
                     yield tensor_bytes(data), group_size(data.dtype)
 
         path = join(info.staging, rel)
-        sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
         # The coordinator's own rank dedupes with the index it chose the base by.
         chosen = self._base_index
         index = self._index = (chosen if chosen is not None and chosen.base == info.base
                                else base_index.index_for(info.base, self.path))
+        arena = writer_process.current_arena()
+        if arena is not None and index is None and not is_url(path):
+            done = self._write_in_helper(plan, planner, info, rel, path, arena)
+            if done is not None:
+                return done
+        sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
         # borrow: the state (or an async save's staging copy) outlives this call and DCP
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
         with DataFileWriter(sink, rel, self.cfg, self.threads, rank=info.rank,
@@ -160,14 +165,48 @@ class ShardWriter(StorageWriter):
                 (it.index.fqn, None if it.index.offset is None else tuple(it.index.offset))
                 for it in plan.items]
             records = out.append_many(payloads(), where)
-        stats = out.codec_summary()
-        rf = _RankFileStats(file=rel, rank=info.rank, size=out.size, crc32=out.crc,
+        return self._results(plan, info, rel, records, out.size, out.crc, out.codec_summary(),
+                             out.raw_bytes, t0)
+
+    def _results(self, plan: SavePlan, info: _RankPlan, rel: str, records: list, size: int,
+                 crc: int, stats: dict, raw_bytes: int, t0: float) -> list[WriteResult]:
+        rf = _RankFileStats(file=rel, rank=info.rank, size=size, crc32=crc,
                             items_compressed=stats.get("items_compressed", 0),
                             items_raw=stats.get("items_raw", 0))
-        log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, out.raw_bytes,
-                  out.size, time.perf_counter() - t0)
+        log.debug("rank %d wrote %s: %d -> %d bytes in %.3fs", info.rank, rel, raw_bytes,
+                  size, time.perf_counter() - t0)
         return [WriteResult(index=item.index, size_in_bytes=rec.length, storage_data=(rec, rf))
                 for item, rec in zip(plan.items, records)]
+
+    def _write_in_helper(self, plan: SavePlan, planner: SavePlanner, info: _RankPlan, rel: str,
+                         path: str, arena: writer_process.SharedArena) -> list[WriteResult] | None:
+        """An async save's data file written by the helper process (io/writer_process.py), or
+        None when this thread should write it: the mode says so, the file is small, an item
+        is not in the staging arena, or no helper can be started here."""
+        t0 = time.perf_counter()
+        how = writer_process.mode()
+        if how == "thread":
+            return None
+        payloads = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                payloads.append((memoryview(data.getbuffer()).cast("B"), 1))
+            else:
+                payloads.append((data, group_size(data.dtype)))
+        pieces = writer_process.pieces_for(arena, payloads)
+        if pieces is None or (how == "auto" and sum(p.nbytes for p in pieces if p.inline is None)
+                              < writer_process.AUTO_MIN_BYTES):
+            return None
+        try:
+            proc = writer_process.helper()
+            r = proc.write_file(arena, path=path, rel=rel, rank=info.rank, cfg=self.cfg,
+                                threads=self.threads, pieces=pieces)
+        except writer_process.HelperUnavailable as e:
+            writer_process.give_up(str(e))
+            return None
+        return self._results(plan, info, rel, r["records"], r["size"], r["crc"], r["stats"],
+                             r["raw_bytes"], t0)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         final = norm_path(self.path)

@@ -15,6 +15,7 @@ the loader then only checks their crc32s in place.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -64,6 +65,17 @@ def _pool(streams: int) -> ThreadPoolExecutor:
             p = _pools[streams] = ThreadPoolExecutor(max_workers=streams,
                                                      thread_name_prefix="shardckpt-read")
         return p
+
+
+def _forget_pools_in_child() -> None:
+    # A forked child has none of the parent's reader threads (see codec/threads.py).
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 class _Range:

@@ -36,3 +36,15 @@ def train_while_saving(rank: int, ws: int, root: str) -> dict:
         dist.broadcast(ref, 0)
         ok.append(bool(torch.equal(t["w"], ref)) and t["step"] == i)
     return {"ok": ok, "stats": staging_stats(), "stall": [h.stall_s for h in handles]}
+
+
+def train_while_saving_in_writer_processes(rank: int, ws: int, root: str) -> dict:
+    import os
+
+    from shardckpt.io import writer_process
+
+    os.environ["SHARDCKPT_ASYNC_WRITER"] = "process"
+    out = train_while_saving(rank, ws, root)
+    h = writer_process._helper
+    out["helper"] = h.proc.pid if h is not None and h.alive() else None
+    return out

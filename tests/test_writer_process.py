@@ -1,0 +1,283 @@
+"""The async save's writer process (io/writer_process.py): real helper processes, real
+kill -9 of the helper and of the training process, a real write limit on the helper."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt import codec
+from shardckpt.async_save import staging_stats
+from shardckpt.format import MANIFEST_NAME
+from shardckpt.io import writer_process
+from tests.workers import async_ as W
+from tests.workers.world import run_world
+
+pytestmark = pytest.mark.skipif(writer_process.mode() == "thread" and
+                                not hasattr(os, "memfd_create"), reason="needs memfd (Linux)")
+
+
+def _state(seed: int, big: int = 1 << 20) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(big, generator=g),
+        "bf": torch.randn(333, 77, generator=g).to(torch.bfloat16),
+        "half": torch.randn(1000, generator=g).half(),
+        "ids": torch.randint(-(1 << 40), 1 << 40, (4097,), generator=g),
+        "mask": torch.rand(999, generator=g) > 0.5,
+        "t": torch.randn(64, 48, generator=g).t(),  # not contiguous in the state
+        "empty": torch.empty(0, 5),
+        "step": seed, "name": f"run-{seed}", "nested": {"lr": [0.1, 0.01]},
+    }
+
+
+def _blank(like: dict) -> dict:
+    return {k: torch.zeros_like(v) if torch.is_tensor(v) else
+            dict.fromkeys(v) if isinstance(v, dict) else None for k, v in like.items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    for k, v in a.items():
+        if torch.is_tensor(v):
+            if not (b[k].dtype == v.dtype and b[k].shape == v.shape and torch.equal(
+                    b[k].contiguous().view(torch.uint8), v.contiguous().view(torch.uint8))):
+                return False
+        elif b[k] != v:
+            return False
+    return True
+
+
+def _helper_pid() -> int:
+    h = writer_process._helper
+    assert h is not None and h.alive(), "no writer process is running"
+    return h.proc.pid
+
+
+def _gone(pid: int, within: float) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def process_mode(monkeypatch):
+    monkeypatch.setenv("SHARDCKPT_ASYNC_WRITER", "process")
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_saves_through_the_writer_process_load_bitwise(tmp_path, process_mode, compression):
+    for i in range(2):
+        state = _state(i)
+        shardckpt.async_save(state, tmp_path / f"c{i}", compression=compression).wait()
+        pid = _helper_pid()
+        assert pid != os.getpid()
+        out = _blank(state)
+        shardckpt.load(out, tmp_path / f"c{i}")
+        assert _same(state, out)
+        assert shardckpt.verify(tmp_path / f"c{i}").ok
+
+
+def test_a_larger_state_grows_the_shared_arena(tmp_path, process_mode):
+    before = staging_stats()["allocations"]
+    small, large = _state(1, big=1 << 16), _state(2, big=3 << 20)
+    for i, state in enumerate([small, large, small]):
+        shardckpt.async_save(state, tmp_path / f"c{i}").wait()
+        out = _blank(state)
+        shardckpt.load(out, tmp_path / f"c{i}")
+        assert _same(state, out)
+    assert staging_stats()["allocations"] - before <= 2
+    # The helper unmapped the arena the larger one replaced: one mapping per pool at most.
+    with open(f"/proc/{_helper_pid()}/maps") as f:
+        mapped = sum("shardckpt-staging" in line for line in f)
+    assert 1 <= mapped <= staging_stats()["pools"]
+
+
+def test_kill_9_of_the_writer_process_fails_that_save_only(tmp_path, process_mode):
+    shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()
+    pid = _helper_pid()
+    big = {"w": torch.randn(96 << 20)}  # 384 MiB: seconds to write and fsync here
+    h = shardckpt.async_save(big, tmp_path / "killed", compression="none")
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(shardckpt.SaveFailedError, match=r"(?s)killed.*rank 0\).*writer process.*SIGKILL.*nothing was committed"):
+        h.wait()
+    assert not (tmp_path / "killed").exists()
+    state = _state(3)
+    shardckpt.async_save(state, tmp_path / "after").wait()
+    assert _helper_pid() != pid
+    out = _blank(state)
+    shardckpt.load(out, tmp_path / "after")
+    assert _same(state, out)
+
+
+def test_a_write_error_in_the_writer_process_is_typed_and_names_the_file(tmp_path, process_mode):
+    shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()
+    pid = _helper_pid()
+    limit = 1 << 20
+    old = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, old[1]))  # soft only: it goes back
+    try:  # Python ignores SIGXFSZ: the helper's write gets EFBIG
+        h = shardckpt.async_save({"w": torch.randn(1 << 21)}, tmp_path / "big",
+                                 compression="none")
+        with pytest.raises(shardckpt.SaveFailedError,
+                           match=r"(?s)big.*rank 0.*nothing was committed"):
+            h.wait()
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, old)
+    assert not (tmp_path / "big").exists()
+    state = _state(4)
+    shardckpt.async_save(state, tmp_path / "again").wait()
+    assert _helper_pid() == pid  # the helper survived its error
+    out = _blank(state)
+    shardckpt.load(out, tmp_path / "again")
+    assert _same(state, out)
+
+
+def test_interrupts_to_the_process_group_leave_the_writer_process_running(tmp_path,
+                                                                         process_mode):
+    shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()
+    pid = _helper_pid()
+    h = shardckpt.async_save({"w": torch.randn(16 << 20)}, tmp_path / "during")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # what Ctrl-C / torchrun send
+        os.kill(pid, sig)
+    h.wait()
+    assert _helper_pid() == pid
+    assert shardckpt.verify(tmp_path / "during").ok
+
+
+def test_a_forked_child_starts_its_own_writer_process(tmp_path, process_mode):
+    shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()
+    parent_helper = _helper_pid()
+    child = os.fork()
+    if child == 0:  # a DataLoader-style fork: the parent's helper is not the child's
+        code = 1
+        signal.alarm(120)  # a hang here ends the child (and fails the test), not the suite
+        try:
+            torch.set_num_threads(1)  # as a DataLoader worker: the parent's OpenMP pool is gone
+            state = _state(6)
+            shardckpt.async_save(state, tmp_path / "child").wait()
+            out = _blank(state)
+            shardckpt.load(out, tmp_path / "child")
+            code = 0 if _same(state, out) and _helper_pid() != parent_helper else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    state = _state(7)
+    shardckpt.async_save(state, tmp_path / "parent").wait()
+    assert _helper_pid() == parent_helper
+    out = _blank(state)
+    shardckpt.load(out, tmp_path / "parent")
+    assert _same(state, out)
+
+
+def test_kill_9_of_the_training_process_stops_its_writer_process(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, sys, time, torch, shardckpt
+        from shardckpt.io import writer_process
+        os.environ["SHARDCKPT_ASYNC_WRITER"] = "process"
+        first = {{"w": torch.arange(1 << 20, dtype=torch.float32)}}
+        shardckpt.async_save(first, {str(tmp_path / "ok")!r}).wait()
+        h = shardckpt.async_save({{"w": torch.randn(96 << 20)}}, {str(tmp_path / "cut")!r},
+                                 compression="none")
+        print(writer_process._helper.proc.pid, flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        helper = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _gone(helper, within=10), "the writer process outlived the training process"
+    out = {"w": torch.zeros(1 << 20)}
+    shardckpt.load(out, tmp_path / "ok")
+    assert torch.equal(out["w"], torch.arange(1 << 20, dtype=torch.float32))
+    assert not (tmp_path / "cut" / MANIFEST_NAME).exists()
+    with pytest.raises(shardckpt.ShardckptError):
+        shardckpt.load({"w": torch.zeros(96 << 20)}, tmp_path / "cut")
+
+
+def test_small_saves_and_thread_mode_start_no_writer_process(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, torch, shardckpt
+        from shardckpt.io import writer_process
+        shardckpt.async_save({{"w": torch.randn(1000)}}, {str(tmp_path / "small")!r}).wait()
+        small = writer_process._helper is None
+        os.environ["SHARDCKPT_ASYNC_WRITER"] = "thread"
+        shardckpt.async_save({{"w": torch.randn(8 << 20)}}, {str(tmp_path / "thr")!r}).wait()
+        thread = writer_process._helper is None
+        os.environ["SHARDCKPT_ASYNC_WRITER"] = "auto"  # larger: a new arena, a shared one
+        shardckpt.async_save({{"w": torch.randn(12 << 20)}}, {str(tmp_path / "big")!r}).wait()
+        print(small, thread, writer_process._helper is not None)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "SHARDCKPT_ASYNC_WRITER"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True", "True"]
+
+
+def test_a_bad_writer_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("SHARDCKPT_ASYNC_WRITER", "fork")
+    with pytest.raises(ValueError, match="SHARDCKPT_ASYNC_WRITER='fork'"):
+        writer_process.mode()
+
+
+def test_the_writer_process_keeps_to_the_cpus_left_to_it_at_nice_19(tmp_path, process_mode):
+    shardckpt.async_save(_state(5, big=1 << 10), tmp_path / "c").wait()
+    pid = _helper_pid()
+    want = codec.writer_cpus() or set(os.sched_getaffinity(0))
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        assert os.sched_getaffinity(int(tid)) == want
+        assert os.getpriority(os.PRIO_PROCESS, int(tid)) == 19  # SHARDCKPT_WRITER_NICE
+
+
+@pytest.mark.parametrize("env,cpus,want", [
+    ({}, set(range(8)), {4, 5, 6, 7}),
+    ({}, {0}, None),
+    ({}, {0, 1}, {1}),
+    ({"SHARDCKPT_WRITER_CPUS": "all"}, set(range(8)), None),
+    ({"SHARDCKPT_WRITER_CPUS": "2,3,99"}, set(range(8)), {2, 3}),
+    ({"SHARDCKPT_THREADS": "1"}, set(range(8)), {7}),
+    # four ranks on a node that share every CPU: each keeps to the top of its quarter
+    ({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"}, set(range(8)), {5}),
+    ({"LOCAL_WORLD_SIZE": "8", "LOCAL_RANK": "3"}, set(range(8)), None),
+])
+def test_writer_cpus_leave_the_training_its_share(monkeypatch, env, cpus, want):
+    for k in ("SHARDCKPT_WRITER_CPUS", "SHARDCKPT_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert codec.writer_cpus() == want
+
+
+def test_two_ranks_save_through_their_writer_processes(tmp_path):
+    out = run_world(2, W.train_while_saving_in_writer_processes, str(tmp_path))
+    assert all(r["ok"] == [True, True, True] for r in out)
+    pids = [r["helper"] for r in out]
+    assert None not in pids and len(set(pids)) == 2
+    # saved by two ranks' writer processes, loaded in one process
+    t = {"w": torch.zeros(512, 257), "step": -1}
+    shardckpt.load(t, tmp_path / "s2")
+    assert t["step"] == 2 and Path(tmp_path / "s2" / MANIFEST_NAME).exists()
