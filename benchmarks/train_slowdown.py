@@ -176,8 +176,10 @@ def _helper_cpu_s() -> float:
 def _window(trainer: Trainer, bg: Background | None, steps: int, saves: int) -> dict:
     rows: list[dict[str, float]] = []
     dirty: list[float] = []
-    tids0 = set(_tids())
-    bg_before = {t: _schedstat(t) for t in tids0 - trainer.training_tids}
+    # Background CPU = the process's CPU time (threads that ended meanwhile included: an
+    # async save's threads live for one save) less the training threads', plus the helper's.
+    proc0 = time.process_time()
+    train0 = sum(_schedstat(t)[0] for t in trainer.training_tids)
     helper0 = _helper_cpu_s()
     wall0 = time.perf_counter()
     if bg is None:
@@ -197,10 +199,8 @@ def _window(trainer: Trainer, bg: Background | None, steps: int, saves: int) -> 
                 bg.start()
                 started += 1
     wall = time.perf_counter() - wall0
-    bg_cpu = 0.0
-    for t in set(_tids()) - trainer.training_tids:
-        run0 = bg_before.get(t, (0, 0))[0]
-        bg_cpu += (_schedstat(t)[0] - run0) / 1e9
+    train_cpu = (sum(_schedstat(t)[0] for t in trainer.training_tids) - train0) / 1e9
+    bg_cpu = max(0.0, time.process_time() - proc0 - train_cpu)
     bg_cpu += max(0.0, _helper_cpu_s() - helper0)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"steps": len(rows), "wall_s": wall, "step_s": med["wall"],

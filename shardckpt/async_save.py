@@ -254,6 +254,9 @@ def async_save(state: dict[str, Any], path: str | os.PathLike, *, process_group:
         # while the caller waits. It costs stall time, never memory or the save.
         return _save_blocking(flat, path, group, pool, save_kwargs, t0)
     staged = pool.stage(flat)
+    if pool.shared is not None:
+        # Started now, its imports overlap with this save's planning (first save only).
+        writer_process.prestart(staged_bytes(flat))
     handle = AsyncSaveHandle(path, time.perf_counter() - t0)
 
     def run() -> None:

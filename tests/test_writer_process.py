@@ -226,8 +226,10 @@ def test_small_saves_and_thread_mode_start_no_writer_process(tmp_path):
         shardckpt.async_save({{"w": torch.randn(8 << 20)}}, {str(tmp_path / "thr")!r}).wait()
         thread = writer_process._helper is None
         os.environ["SHARDCKPT_ASYNC_WRITER"] = "auto"  # larger: a new arena, a shared one
-        shardckpt.async_save({{"w": torch.randn(12 << 20)}}, {str(tmp_path / "big")!r}).wait()
-        print(small, thread, writer_process._helper is not None)
+        h = shardckpt.async_save({{"w": torch.randn(12 << 20)}}, {str(tmp_path / "big")!r})
+        early = writer_process._helper is not None  # started with the staging, not at write
+        h.wait()
+        print(small, thread, early)
     """)
     env = {k: v for k, v in os.environ.items() if k != "SHARDCKPT_ASYNC_WRITER"}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,

@@ -288,6 +288,17 @@ def helper() -> WriterProcess:
         return _helper
 
 
+def prestart(nbytes: int) -> None:
+    """Start the helper ahead of a save of `nbytes` that will likely use it (no wait)."""
+    how = mode()
+    if how == "thread" or (how == "auto" and nbytes < AUTO_MIN_BYTES):
+        return
+    try:
+        helper()
+    except HelperUnavailable as e:
+        give_up(str(e))
+
+
 def give_up(why: str) -> None:
     """No helper in this process from now on; said once in the log."""
     global _unavailable
