@@ -188,6 +188,15 @@ class _Saver:
         # threading atexit too, and those run last-registered first).
         register = getattr(threading, "_register_atexit", atexit.register)
         register(self.drain_at_exit)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        # A forked child (a DataLoader worker) starts afresh: the saves in flight are the
+        # parent's (their threads are not here), and a shared arena is the parent's memory
+        # (MAP_SHARED, not copy-on-write): staging into it would change the parent's snapshot.
+        self.lock = threading.Lock()
+        self.inflight, self.pools = [], []
 
     def group_for(self, process_group: Any) -> Any:
         if not (dist.is_available() and dist.is_initialized()):

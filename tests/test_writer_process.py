@@ -162,8 +162,12 @@ def test_interrupts_to_the_process_group_leave_the_writer_process_running(tmp_pa
 
 
 def test_a_forked_child_starts_its_own_writer_process(tmp_path, process_mode):
-    shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()
+    from shardckpt.async_save import _saver
+
+    shardckpt.async_save(_state(8), tmp_path / "warm").wait()
     parent_helper = _helper_pid()
+    arena = _saver.inflight[-1][1].arena  # the parent's snapshot of _state(8)
+    before = arena.clone()
     child = os.fork()
     if child == 0:  # a DataLoader-style fork: the parent's helper is not the child's
         code = 1
@@ -179,6 +183,8 @@ def test_a_forked_child_starts_its_own_writer_process(tmp_path, process_mode):
             os._exit(code)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    # The child staged _state(6), as large, into an arena of its own, not into the parent's.
+    assert torch.equal(arena, before)
     state = _state(7)
     shardckpt.async_save(state, tmp_path / "parent").wait()
     assert _helper_pid() == parent_helper
