@@ -43,7 +43,9 @@ def train_while_saving_in_writer_processes(rank: int, ws: int, root: str) -> dic
 
     from shardckpt.io import writer_process
 
-    os.environ["SHARDCKPT_ASYNC_WRITER"] = "process"
+    # What the ranks' helpers do, not how they yield the CPU (tests/test_writer_process.py)
+    os.environ.update(SHARDCKPT_ASYNC_WRITER="process", SHARDCKPT_WRITER_NICE="0",
+                      SHARDCKPT_WRITER_CPUS="all")
     out = train_while_saving(rank, ws, root)
     h = writer_process._helper
     out["helper"] = h.proc.pid if h is not None and h.alive() else None
