@@ -164,6 +164,26 @@ def test_a_write_error_in_the_writer_process_is_typed_and_names_the_file(tmp_pat
     assert _same(state, out)
 
 
+def test_a_helper_that_cannot_map_the_arena_leaves_the_save_to_the_thread(tmp_path,
+                                                                         process_mode):
+    shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()
+    pid = _helper_pid()
+    with open(f"/proc/{pid}/status") as f:
+        vm = int(next(x for x in f if x.startswith("VmSize")).split()[1]) << 10
+    old = resource.prlimit(pid, resource.RLIMIT_AS)
+    resource.prlimit(pid, resource.RLIMIT_AS, (vm + (64 << 20), old[1]))
+    try:
+        state = {"w": torch.randn(64 << 20)}  # a new 256 MiB arena: more than the limit leaves
+        shardckpt.async_save(state, tmp_path / "big").wait()
+        assert "cannot map the staging arena" in (writer_process._unavailable or "")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, old)
+        writer_process._unavailable = None
+    out = {"w": torch.zeros(64 << 20)}
+    shardckpt.load(out, tmp_path / "big")
+    assert torch.equal(out["w"], state["w"])
+
+
 def test_interrupts_to_the_process_group_leave_the_writer_process_running(tmp_path,
                                                                          process_mode):
     shardckpt.async_save(_state(0, big=1 << 10), tmp_path / "warm").wait()

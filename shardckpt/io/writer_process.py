@@ -225,7 +225,11 @@ class WriterProcess:
                         self.arenas.discard(key)
                         self._call({"op": "forget", "key": key})
                 if arena.key not in self.arenas:
-                    self._call({"op": "arena", "key": arena.key, "size": arena.size}, arena.fd)
+                    got = self._call({"op": "arena", "key": arena.key, "size": arena.size},
+                                     arena.fd)
+                    if "error" in got:  # e.g. ENOMEM under an address-space limit
+                        raise HelperUnavailable(
+                            f"the writer process cannot map the staging arena: {got['error']}")
                     self.arenas.add(arena.key)
                 reply = self._call({"op": "write", "key": arena.key, "path": path, "rel": rel,
                                     "rank": rank, "cfg": cfg, "threads": threads,
