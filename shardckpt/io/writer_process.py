@@ -1,11 +1,10 @@
 """A helper process that encodes, writes and fsyncs an async save's data files.
 
 An async save's background thread shares the training process: its Python work
-takes the GIL from the training thread, its threads land on the training core,
-and its buffer frees send TLB-shootdown interrupts to every core the process
-runs on. Measured on a 2-core VM (benchmarks/train_slowdown.py, one training
+takes the GIL from the training thread and its threads land on the training
+core. Measured on a 2-core VM (benchmarks/train_slowdown.py, one training
 thread): steps +21-36 % slower with the thread, +2-12 % with the same saves
-made by a separate process. So an async save stages into a memfd arena this
+made by a separate process (each step's run-queue and GIL waits are gone). So an async save stages into a memfd arena this
 process and the helper both map, and the helper does the byte work of the
 rank's data file; planning, the collectives and the commit stay in the training
 process (they need its process group, and they are a small part of the time).
