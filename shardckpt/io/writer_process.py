@@ -172,7 +172,7 @@ class WriterProcess:
         env["PYTHONPATH"] = os.pathsep.join([pkg_root, *filter(None, [env.get("PYTHONPATH")])])
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from shardckpt.io.writer_serve import serve; serve()",
+                [sys.executable, os.path.join(os.path.dirname(__file__), "writer_boot.py"),
                  str(child.fileno()), str(os.getpid()),
                  ",".join(map(str, sorted(cpus or ())))],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)

@@ -101,7 +101,8 @@ def serve() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sys.argv[1]))
-    # Set on every thread now (torch's import may have started some); later ones inherit.
+    # writer_boot set both before the imports; again on every thread, for one that did not
+    # inherit them (started by an import that changed its own), and without the boot.
     if sys.argv[3]:
         cpus = {int(c) for c in sys.argv[3].split(",")}
         _every_thread(lambda tid: os.sched_setaffinity(tid, cpus))
