@@ -77,6 +77,15 @@ def _gone(pid: int, within: float) -> bool:
 
 
 def _stop_helper() -> None:
+    """A fresh start: no helper, and no staging pools left by earlier tests in this
+    process (a test that needs a new arena must not find a large one already there)."""
+    from shardckpt.async_save import _saver
+
+    with _saver.lock:
+        done = [h for h, _ in _saver.inflight if h.done()]
+        if len(done) == len(_saver.inflight):
+            _saver.inflight.clear()
+            _saver.pools.clear()
     h = writer_process._helper
     if h is not None and h.alive():
         h.close()
@@ -174,7 +183,9 @@ def test_a_helper_that_cannot_map_the_arena_leaves_the_save_to_the_thread(tmp_pa
     resource.prlimit(pid, resource.RLIMIT_AS, (vm + (64 << 20), old[1]))
     try:
         state = {"w": torch.randn(64 << 20)}  # a new 256 MiB arena: more than the limit leaves
+        before = staging_stats()["allocations"]
         shardckpt.async_save(state, tmp_path / "big").wait()
+        assert staging_stats()["allocations"] == before + 1
         assert "cannot map the staging arena" in (writer_process._unavailable or "")
     finally:
         resource.prlimit(pid, resource.RLIMIT_AS, old)
