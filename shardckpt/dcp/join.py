@@ -12,10 +12,10 @@ raises at once.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import threading
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -70,6 +70,22 @@ def agree(process_group: Any, *, what: str, path: str, error: BaseException | No
                               f"rank must see the same checkpoint (a shared filesystem).")
 
 
+def _arrived(store: Any, key: str, timeout: float) -> bool:
+    """Whether `key` appears within `timeout` s, polled with short checks. Not store.wait:
+    a TCPStore client runs one request at a time, so a thread blocked in wait() keeps
+    every other thread of the process off the store; an async save's join (background
+    thread) and the next save's join (training thread) then each waited for a key the
+    other's rank could not post: a deadlock of two ranks, seen under load."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while not store.check([key]):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
 def join(process_group: Any, *, what: str, path: str, timeout: float | None,
          value: str | None = None, compare: bool = True) -> dict[int, str]:
     """Meet every rank of `process_group` (default: the world) for `what` on `path`;
@@ -93,15 +109,13 @@ def join(process_group: Any, *, what: str, path: str, timeout: float | None,
     store.set(f"{base}/r{rank}", me)
     if store.add(f"{base}/n", 1) == world:
         store.set(f"{base}/done", "1")
-    try:
-        store.wait([f"{base}/done"], datetime.timedelta(seconds=timeout))
-    except (RuntimeError, dist.DistError) as e:  # DistStoreError: the wait timed out
+    if not _arrived(store, f"{base}/done", timeout):
         missing = [r for r in range(world) if not store.check([f"{base}/r{r}"])]
         raise CollectiveTimeoutError(
             f"{path} (rank {rank}): shardckpt.{what} waited {timeout:.0f}s for rank(s) "
             f"{missing} of {world}, which never called it. Every rank of the group must call "
             f"shardckpt.{what}(...) together (not only rank 0, as with torch.save); raise "
-            f"timeout= if some ranks are legitimately slower.") from e
+            f"timeout= if some ranks are legitimately slower.")
     others = {r: store.get(f"{base}/r{r}").decode() for r in range(world) if r != rank}
     odd = {r: v for r, v in others.items() if v != me} if compare else {}
     if odd:

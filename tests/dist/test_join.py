@@ -48,3 +48,15 @@ def test_a_rank_that_cannot_open_fails_every_rank_at_once(tmp_path):
     assert r1["result"] == "CheckpointNotFoundError", r1
     assert r0["result"] == "LoadFailedError" and "rank 1 could not open" in r0["message"], r0
     assert r0["seconds"] < 20
+
+
+def test_two_threads_joining_at_once_on_two_ranks_do_not_deadlock(tmp_path):
+    """An async save's join (its own group) and the next save's join (the training
+    thread's group) run at once; a TCPStore client serves one request at a time, so a
+    join blocked in store.wait() kept the other thread's join from posting: with the two
+    ranks entering in opposite orders, each waited for a key the other could not post."""
+    out = run_world(2, H.joins_from_two_threads, str(tmp_path), timeout=120)
+    for r in out:
+        assert r["errors"] == [], r
+        assert set(r["done"]) == {"train", "ckpt"} and max(r["done"].values()) < 10, r
+

@@ -72,3 +72,37 @@ def one_rank_cannot_open(rank: int, world: int, path: str) -> dict[str, Any]:
     except shardckpt.ShardckptError as e:
         return {"rank": rank, "result": type(e).__name__, "message": str(e),
                 "seconds": time.monotonic() - t0}
+
+
+def joins_from_two_threads(rank: int, ws: int, root: str) -> dict:
+    """A training thread's join (default group) and a background save's join (a group of
+    its own) at once on each rank, entered in opposite orders on the two ranks."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from shardckpt.dcp.join import join
+
+    ckpt = dist.new_group(backend="gloo")
+    order = [ckpt, None] if rank == 0 else [None, ckpt]
+    done: dict[str, float] = {}
+    errors: list[str] = []
+    t0 = time.monotonic()
+
+    def run(group) -> None:
+        name = "train" if group is None else "ckpt"
+        try:
+            join(group, what="save", path=f"{root}/{name}", timeout=20)
+            done[name] = time.monotonic() - t0
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+
+    first = threading.Thread(target=run, args=(order[0],))
+    first.start()
+    time.sleep(0.5)  # the first join waits on the store when the second one starts
+    second = threading.Thread(target=run, args=(order[1],))
+    second.start()
+    first.join(60)
+    second.join(60)
+    return {"done": done, "errors": errors}
