@@ -53,6 +53,16 @@ class _RankFileStats(RankFile):
     items_raw: int = 0
 
 
+def _resolved(plan: SavePlan, planner: SavePlanner) -> Iterator[tuple[Any, int]]:
+    """Each item's data (a tensor, or the bytes of a BYTE_IO item) and its byte group."""
+    for item in plan.items:
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            yield memoryview(data.getbuffer()).cast("B"), 1
+        else:
+            yield data, group_size(data.dtype)
+
+
 class ShardWriter(StorageWriter):
     """Writes a shardckpt checkpoint; one data file per rank, atomic commit by the coordinator."""
 
@@ -137,12 +147,8 @@ class ShardWriter(StorageWriter):
         t0 = time.perf_counter()
 
         def payloads() -> Iterator[tuple[memoryview, int]]:
-            for item in plan.items:
-                data = planner.resolve_data(item)
-                if item.type == WriteItemType.BYTE_IO:
-                    yield memoryview(data.getbuffer()).cast("B"), 1
-                else:
-                    yield tensor_bytes(data), group_size(data.dtype)
+            for data, group in _resolved(plan, planner):
+                yield (data if isinstance(data, memoryview) else tensor_bytes(data)), group
 
         path = join(info.staging, rel)
         # The coordinator's own rank dedupes with the index it chose the base by.
@@ -187,14 +193,7 @@ class ShardWriter(StorageWriter):
         how = writer_process.mode()
         if how == "thread":
             return None
-        payloads = []
-        for item in plan.items:
-            data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                payloads.append((memoryview(data.getbuffer()).cast("B"), 1))
-            else:
-                payloads.append((data, group_size(data.dtype)))
-        pieces = writer_process.pieces_for(arena, payloads)
+        pieces = writer_process.pieces_for(arena, list(_resolved(plan, planner)))
         if pieces is None or (how == "auto" and sum(p.nbytes for p in pieces if p.inline is None)
                               < writer_process.AUTO_MIN_BYTES):
             return None

@@ -93,7 +93,7 @@ def _every_thread(fn: Any) -> None:
 
 
 def serve() -> None:
-    """The helper's main loop (argv: socket fd, parent pid, CPUs to keep to or "")."""
+    """The helper's main loop (argv: socket fd, parent pid; writer_boot applied the CPUs)."""
     from .. import codec
 
     # A Ctrl-C or a SIGTERM to the process group is the training process's to handle (the
@@ -101,24 +101,15 @@ def serve() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sys.argv[1]))
-    # writer_boot set both before the imports; again on every thread, for one that did not
-    # inherit them (started by an import that changed its own), and without the boot.
-    if sys.argv[3]:
-        cpus = {int(c) for c in sys.argv[3].split(",")}
-        _every_thread(lambda tid: os.sched_setaffinity(tid, cpus))
     if os.environ.get("SHARDCKPT_WORKER_SCHED", "normal").lower() == "idle" and hasattr(
             os, "SCHED_IDLE"):
         # Safe here, unlike in the training process: a starved helper holds no GIL the
         # training thread waits for; it only delays its own save.
         _every_thread(lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0)))
-    # Every thread of the helper is checkpoint work beside a training loop. Nice 19, not the
-    # 10 of a thread writer: it still gets ~1.5 % of a core it shares, so it is never
-    # starved (SCHED_IDLE can be), and a loop that uses every core barely notices it (2-core
-    # VM, two training threads: steps +28-35 % at nice 10, +5 % at 19; saves 0.7 -> 1.6 s).
-    nice = max(0, int(os.environ.get("SHARDCKPT_WRITER_NICE", "19")))
-    os.environ["SHARDCKPT_WORKER_NICE"] = str(nice)  # what lower_thread_priority applies here
-    _every_thread(lambda tid: os.setpriority(os.PRIO_PROCESS, tid, max(
-        nice, os.getpriority(os.PRIO_PROCESS, tid))))
+    # writer_boot set this process's CPUs and nice (19) before any thread started; every
+    # thread inherits them. The codec's own nice calls apply the same value in here.
+    os.environ["SHARDCKPT_WORKER_NICE"] = str(max(0, int(os.environ.get(
+        "SHARDCKPT_WRITER_NICE", "19"))))
     codec.lower_thread_priority(background=True)  # also marks it a background thread (pools)
     threading.Thread(target=_watch_parent, args=(int(sys.argv[2]),), daemon=True).start()
     maps: dict[Any, mmap.mmap] = {}
