@@ -86,12 +86,13 @@ class OptionalBuildExt(build_ext):
 native = Extension(
     "shardckpt._native",
     sources=["csrc/module.cpp", "csrc/codec.cpp", "csrc/planes.cpp", "csrc/huf_frame.cpp",
-             "csrc/block_hash.cpp", "csrc/records.cpp", "csrc/crc32_fast.cpp",
-             f"{ZSTD_DIR}/zstd.c"],
+             "csrc/block_hash.cpp", "csrc/xxh_dispatch.c", "csrc/records.cpp",
+             "csrc/crc32_fast.cpp", f"{ZSTD_DIR}/zstd.c"],
     include_dirs=["csrc", ZSTD_DIR],
     depends=["csrc/codec.h", "csrc/crc32_fast.h", "csrc/planes.h", "csrc/huf_frame.h",
              "csrc/block_hash.h", "csrc/records.h", "csrc/thread_pool.h", f"{ZSTD_DIR}/zstd.h",
-             "csrc/third_party/xxhash/xxhash.h"],
+             "csrc/third_party/xxhash/xxhash.h",
+             "csrc/third_party/xxhash/xxh_x86dispatch.c"],
     # Blocks are parallelised by our own pool, one single-threaded zstd context
     # per thread; ZSTD_c_nbWorkers is never set, so zstd starts no threads
     # (the amalgamation compiles its MT support in unconditionally). Empty

@@ -44,6 +44,21 @@ def test_hash_buffers_is_hash_buffer_of_each(monkeypatch, path):
         codec.hash_buffers([memoryview(b"x")], 0)
 
 
+def test_native_hash_is_xxh3_128_at_every_length_and_large_blocks():
+    # The native hash runs the widest SIMD variant the CPU has (csrc/xxh_dispatch.c); its
+    # long-input loop starts past 240 bytes and works in 1 KiB stripes: every length up to
+    # 4 KiB, and MiB blocks with ragged ends, must give the reference digests bit for bit.
+    if not codec.native_available():
+        pytest.skip("native extension not built")
+    data = os.urandom(4096 + 64)
+    for n in range(4097):
+        raw = memoryview(data)[n % 61:n % 61 + n]
+        assert codec.hash_buffer(raw, 4096, 1) == ([] if n == 0 else _want(bytes(raw), 4096)), n
+    big = [os.urandom((1 << 20) * 3 + 12345), os.urandom(7 << 20)]
+    assert codec.hash_buffers([memoryview(b) for b in big], 1 << 20, 2) == [
+        _want(b, 1 << 20) for b in big]
+
+
 def _state(base: torch.Tensor, small: torch.Tensor, step: int) -> dict:
     return {"base": base, "small": small, "bias": torch.arange(48, dtype=torch.float32),
             "step": step}
