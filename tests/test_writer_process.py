@@ -295,6 +295,33 @@ def test_small_saves_and_thread_mode_start_no_writer_process(tmp_path):
     assert r.stdout.split() == ["True", "True", "True"]
 
 
+def test_a_file_the_helper_declines_resolves_each_item_once(tmp_path, monkeypatch):
+    # Auto mode, a small file: the shared arena exists but the thread writes. Each item is
+    # resolved once: an object's serialized bytes (checked to load back) are handed out
+    # once, and a second resolve would serialize it again, unchecked.
+    from collections import Counter
+
+    from shardckpt.dcp.planner import SafeSavePlanner
+
+    monkeypatch.setenv("SHARDCKPT_ASYNC_WRITER", "auto")
+    _stop_helper()
+    seen: Counter = Counter()
+    resolve = SafeSavePlanner.resolve_data
+
+    def counting(self, item):
+        seen[item.index.fqn] += 1
+        return resolve(self, item)
+
+    monkeypatch.setattr(SafeSavePlanner, "resolve_data", counting)
+    state = _state(5, big=1 << 12)
+    shardckpt.async_save(state, tmp_path / "c").wait()
+    assert writer_process._helper is None  # the thread wrote it
+    assert seen and set(seen.values()) == {1}, seen
+    out = _blank(state)
+    shardckpt.load(out, tmp_path / "c")
+    assert _same(state, out)
+
+
 def test_a_bad_writer_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("SHARDCKPT_ASYNC_WRITER", "fork")
     with pytest.raises(ValueError, match="SHARDCKPT_ASYNC_WRITER='fork'"):

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -146,20 +146,25 @@ class ShardWriter(StorageWriter):
         rel = info.rel or data_file_name(info.rank)
         t0 = time.perf_counter()
 
-        def payloads() -> Iterator[tuple[memoryview, int]]:
-            for data, group in _resolved(plan, planner):
-                yield (data if isinstance(data, memoryview) else tensor_bytes(data)), group
-
         path = join(info.staging, rel)
         # The coordinator's own rank dedupes with the index it chose the base by.
         chosen = self._base_index
         index = self._index = (chosen if chosen is not None and chosen.base == info.base
                                else base_index.index_for(info.base, self.path))
+        items: Iterable[tuple[Any, int]] = _resolved(plan, planner)
         arena = writer_process.current_arena()
-        if arena is not None and index is None and not is_url(path):
-            done = self._write_in_helper(plan, planner, info, rel, path, arena)
+        if (arena is not None and index is None and not is_url(path)
+                and writer_process.mode() != "thread"):
+            # Resolved once for both writers: resolve_data hands out an object's serialized
+            # bytes only once (SafeSavePlanner), and the thread writes what the helper declines.
+            items = list(items)
+            done = self._write_in_helper(plan, info, rel, path, arena, items)
             if done is not None:
                 return done
+
+        def payloads() -> Iterator[tuple[memoryview, int]]:
+            for data, group in items:
+                yield (data if isinstance(data, memoryview) else tensor_bytes(data)), group
         sink = storage_for(path, self.storage_options).open_sink(path, info.rank)
         # borrow: the state (or an async save's staging copy) outlives this call and DCP
         # does not touch it meanwhile, so raw blocks are written from it without a copy.
@@ -184,17 +189,16 @@ class ShardWriter(StorageWriter):
         return [WriteResult(index=item.index, size_in_bytes=rec.length, storage_data=(rec, rf))
                 for item, rec in zip(plan.items, records)]
 
-    def _write_in_helper(self, plan: SavePlan, planner: SavePlanner, info: _RankPlan, rel: str,
-                         path: str, arena: writer_process.SharedArena) -> list[WriteResult] | None:
+    def _write_in_helper(self, plan: SavePlan, info: _RankPlan, rel: str, path: str,
+                         arena: writer_process.SharedArena,
+                         items: list[tuple[Any, int]]) -> list[WriteResult] | None:
         """An async save's data file written by the helper process (io/writer_process.py), or
-        None when this thread should write it: the mode says so, the file is small, an item
-        is not in the staging arena, or no helper can be started here."""
+        None when this thread should write it: the file is small (auto mode), an item is not
+        in the staging arena, or no helper can be started here."""
         t0 = time.perf_counter()
-        how = writer_process.mode()
-        if how == "thread":
-            return None
-        pieces = writer_process.pieces_for(arena, list(_resolved(plan, planner)))
-        if pieces is None or (how == "auto" and sum(p.nbytes for p in pieces if p.inline is None)
+        pieces = writer_process.pieces_for(arena, items)
+        if pieces is None or (writer_process.mode() == "auto"
+                              and sum(p.nbytes for p in pieces if p.inline is None)
                               < writer_process.AUTO_MIN_BYTES):
             return None
         try:
