@@ -118,6 +118,23 @@ def test_saves_through_the_writer_process_load_bitwise(tmp_path, process_mode, c
         assert shardckpt.verify(tmp_path / f"c{i}").ok
 
 
+def test_the_writer_process_never_imports_torch(tmp_path, process_mode):
+    # Each rank has a helper: with torch it cost 2-6 s of CPU to start and ~276 MB of memory.
+    state = _state(3)
+    shardckpt.async_save(state, tmp_path / "c", compression="zstd").wait()
+    with open(f"/proc/{_helper_pid()}/maps") as f:
+        libs = {line.split()[-1] for line in f if ".so" in line}
+    assert not [p for p in libs if "torch" in os.path.basename(p)], sorted(libs)
+    if codec.active_path() == "native":  # it did the encoding
+        assert any("_native" in os.path.basename(p) for p in libs)
+    with open(f"/proc/{_helper_pid()}/status") as f:
+        rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    assert rss_kb < 150_000  # ~30 MB of its own; the arena it maps is shared, and small here
+    out = _blank(state)
+    shardckpt.load(out, tmp_path / "c")
+    assert _same(state, out)
+
+
 def test_a_larger_state_grows_the_shared_arena(tmp_path, process_mode):
     before = staging_stats()["allocations"]
     small, large = _state(1, big=1 << 16), _state(2, big=3 << 20)

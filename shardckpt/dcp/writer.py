@@ -28,8 +28,9 @@ from ..errors import SaveFailedError
 from ..format import DEFAULT_BLOCK_SIZE, data_file_name, group_size, runtime_versions
 from ..io import base_index, writer_process
 from ..io.bases import refuse_overwrite_of_base
-from ..io.data_writer import DataFileWriter, tensor_bytes
+from ..io.data_writer import DataFileWriter
 from ..io.storage import CheckpointWrite, is_url, join, norm_path, storage_for
+from ..io.tensor_bytes import tensor_bytes
 from .metadata import RankFile, manifest_from_results
 
 log = logging.getLogger("shardckpt")

@@ -20,8 +20,6 @@ from concurrent.futures import Future as Future_
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from .. import codec
 from ..format import StoredItem
 from .base_index import BaseIndex
@@ -30,34 +28,12 @@ from .dedupe import Encoded, encode_item, referenced
 from .policy import CompressionPolicy, policy_for, remember
 from .sinks import DataSink, final_of_staged, open_sink, typed_write_error
 
-__all__ = ["DataFileWriter", "tensor_bytes", "typed_write_error", "final_of_staged"]
+__all__ = ["DataFileWriter", "typed_write_error", "final_of_staged"]
 
 # How many encoded bytes may wait for the writer thread before encoding pauses. It
 # is also how far ahead of the measured storage rate the compression policy decides:
 # enough to keep the sink's streams fed, not so much that a slow disk is noticed late.
 _WRITE_QUEUE_BYTES = 64 << 20
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The row-major bytes of a tensor as a zero-copy view where possible."""
-    # Checked before acting: a save calls this for every tensor of the state, and most are
-    # detached CPU tensors already (state_dict() detaches).
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_cpu:
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    if t.dtype in _NUMPY_DTYPES:  # one call fewer per tensor than the byte view below
-        return memoryview(t.numpy()).cast("B")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-# dtypes whose .numpy() is a plain C-contiguous view of the same bytes
-_NUMPY_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.int64,
-                           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
 
 
 def _local_sink(path: str, rank: int | None) -> DataSink:

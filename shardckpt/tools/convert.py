@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..format.keys import KeyMap, key_mapper
-from ..io.data_writer import tensor_bytes
 from ..io.fsutil import fsync_dir, fsync_file
+from ..io.tensor_bytes import tensor_bytes
 from .dcp_export import DCP_CHUNK_BYTES, mapping_of, to_dcp
 from .external import ST_OBJECTS, ST_PLANNER, ST_USER
 from .hf import (

@@ -20,7 +20,8 @@ from .. import format as fmt
 from ..format import Chunk, FileEntry, Manifest, ObjectEntry, StoredItem, TensorEntry
 from ..format.keys import KeyMap
 from ..io.commit import Commit
-from ..io.data_writer import DataFileWriter, tensor_bytes
+from ..io.data_writer import DataFileWriter
+from ..io.tensor_bytes import tensor_bytes
 from .sources import (
     DEFAULT_SLAB_BYTES,
     Entry,
