@@ -399,3 +399,26 @@ def test_two_ranks_save_through_their_writer_processes(tmp_path):
     t = {"w": torch.zeros(512, 257), "step": -1}
     shardckpt.load(t, tmp_path / "s2")
     assert t["step"] == 2 and Path(tmp_path / "s2" / MANIFEST_NAME).exists()
+
+
+def test_pieces_copy_items_outside_the_arena_only_for_a_file_that_qualifies(monkeypatch):
+    from shardckpt.io import tensor_bytes as tb
+
+    copies = []
+    real = tb.tensor_bytes
+    monkeypatch.setattr(tb, "tensor_bytes", lambda t: copies.append(t.numel()) or real(t))
+    arena = writer_process.SharedArena(4 << 20)
+    staged = arena.tensor[: 1 << 20].view(torch.float32)  # 1 MiB in the arena
+    staged.copy_(torch.arange(staged.numel(), dtype=torch.float32))
+    outside = torch.randn(1000)
+    items = [(staged, 4), (outside, 4), (memoryview(b"objects"), 1)]
+    # Too little in the arena for the helper: nothing is copied, the thread writes it.
+    assert writer_process.pieces_for(arena, items, min_arena_bytes=2 << 20) is None
+    assert copies == []
+    pieces = writer_process.pieces_for(arena, items, min_arena_bytes=1 << 20)
+    assert copies == [1000]
+    assert [(p.offset, p.nbytes, p.group) for p in pieces] == [(0, 1 << 20, 4), (None, 4000, 4),
+                                                               (None, 7, 1)]
+    assert pieces[1].inline == outside.numpy().tobytes() and pieces[2].inline == b"objects"
+    # An item outside the arena too large to go inline: the thread writes the file.
+    assert writer_process.pieces_for(arena, [(staged, 4), (torch.zeros(1 << 19), 4)]) is None

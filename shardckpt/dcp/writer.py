@@ -197,10 +197,9 @@ class ShardWriter(StorageWriter):
         None when this thread should write it: the file is small (auto mode), an item is not
         in the staging arena, or no helper can be started here."""
         t0 = time.perf_counter()
-        pieces = writer_process.pieces_for(arena, items)
-        if pieces is None or (writer_process.mode() == "auto"
-                              and sum(p.nbytes for p in pieces if p.inline is None)
-                              < writer_process.AUTO_MIN_BYTES):
+        pieces = writer_process.pieces_for(
+            arena, items, writer_process.AUTO_MIN_BYTES if writer_process.mode() == "auto" else 0)
+        if pieces is None:
             return None
         try:
             proc = writer_process.helper()

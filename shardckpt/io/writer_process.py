@@ -130,30 +130,39 @@ class Piece:
     inline: bytes | None = None
 
 
-def pieces_for(arena: SharedArena, payloads: Sequence[tuple[Any, int]]) -> list[Piece] | None:
+def pieces_for(arena: SharedArena, payloads: Sequence[tuple[Any, int]],
+               min_arena_bytes: int = 0) -> list[Piece] | None:
     """The file's items as arena references, or None if a large one lies outside the arena
-    (then the calling thread writes the file itself)."""
+    or fewer than `min_arena_bytes` lie in it (then the calling thread writes the file
+    itself). Items outside the arena are copied only once the file is known to qualify."""
     import torch
 
-    out: list[Piece] = []
+    out: list[Piece | tuple[Any, int]] = []
+    in_arena = 0
     for data, group in payloads:
         if torch.is_tensor(data):
             off = arena.locate(data)
             n = data.numel() * data.element_size()
             if off is not None:
                 out.append(Piece(off, n, group))
+                in_arena += n
                 continue
-            if n > _INLINE_MAX:
-                return None
-            from .tensor_bytes import tensor_bytes
-
-            out.append(Piece(None, n, group, bytes(tensor_bytes(data))))
         else:
-            raw = bytes(data)
-            if len(raw) > _INLINE_MAX:
-                return None
-            out.append(Piece(None, len(raw), group, raw))
-    return out
+            n = memoryview(data).nbytes
+        if n > _INLINE_MAX:
+            return None
+        out.append((data, group))
+    if in_arena < min_arena_bytes:
+        return None
+    from .tensor_bytes import tensor_bytes
+
+    pieces = []
+    for p in out:
+        if not isinstance(p, Piece):
+            raw = bytes(tensor_bytes(p[0]) if torch.is_tensor(p[0]) else p[0])
+            p = Piece(None, len(raw), p[1], raw)
+        pieces.append(p)
+    return pieces
 
 
 # -- this process's side ----------------------------------------------------------------
