@@ -53,8 +53,11 @@ def _parse_manifest(data: bytes, path: str) -> Manifest:
         raise UnsupportedFormatError(
             f"{path}: format version {version} is newer than this shardckpt "
             f"(reads up to {FORMAT_VERSION}); upgrade shardckpt.")
-    expected = _safe_checksum(d) if version >= 2 else None
-    if version >= 2 and (expected is None or d.get(CHECKSUM_FIELD) != expected):
+    # Checked whenever present, not by version alone: version 1 had no checksum, so a
+    # version-1 manifest that carries one had its version altered (one bit: 3 -> 1).
+    expected = _safe_checksum(d) if version >= 2 or CHECKSUM_FIELD in d else None
+    if (version >= 2 or CHECKSUM_FIELD in d) and (expected is None
+                                                   or d.get(CHECKSUM_FIELD) != expected):
         raise CorruptCheckpointError(
             f"{path}: manifest checksum mismatch (the file was altered or damaged after it was "
             f"written); load an earlier checkpoint.", path=path)

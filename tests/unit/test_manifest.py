@@ -113,6 +113,18 @@ def test_checksum_is_sha256_of_sorted_compact_json(saved):
     assert json.loads(_sealed(raw))["checksum"] == raw["checksum"]
 
 
+def test_a_version_lowered_to_1_does_not_switch_off_the_checksum(saved):
+    # One bit turns format_version 3 into 1, which had no checksum; the checksum field
+    # left in place must still be checked, or any other change would pass unnoticed.
+    raw = json.loads(saved[0])
+    raw["format_version"] = 1
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        parse_manifest(json.dumps(raw).encode(), "x/manifest.json")
+    del raw["checksum"]  # a version-1 manifest as version 1 wrote them still parses
+    assert set(parse_manifest(json.dumps(raw).encode(), "x/manifest.json").tensors) == {
+        "w", "b", "h", "s"}
+
+
 def test_to_bytes_round_trips(saved):
     m = parse_manifest(saved[0], "a")
     again = parse_manifest(m.to_bytes(), "b")
