@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 
@@ -147,6 +148,7 @@ class Commit:
         """Check the target and create the staging directory for a checkpoint at `final`."""
         final = os.path.abspath(final)
         check_name(final)
+        refuse_unpublishable(final)
         state = storage_for(final).state(final)
         if state == DirState.COMMITTED and not overwrite:
             raise _exists(final)
@@ -287,6 +289,44 @@ def _own_data(final: str) -> set[str]:
         return {f"{DATA_DIR}/{n}" for n in os.listdir(d)} if os.path.isdir(d) else set()
 
 
+def _adopt_mode(staging: str, final: str) -> None:
+    """Give `staging` the permissions (and, where allowed, the owner) of the directory at
+    `final` it is about to replace: a directory made for the job (a group-writable or
+    sticky one, or one owned by the job's user) keeps them across saves."""
+    try:
+        st = os.stat(final)
+        os.chmod(staging, stat.S_IMODE(st.st_mode))
+    except OSError:
+        return
+    try:
+        held = os.stat(staging)
+        if (held.st_uid, held.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(staging, st.st_uid, st.st_gid)
+    except OSError:  # not permitted (not root): the mode is what matters most
+        pass
+
+
+def refuse_unpublishable(final: str) -> None:
+    """Raise before anything is written if a save could never publish at `final`: the
+    checkpoint replaces the directory at its path, which cannot be a mount point nor this
+    process's working directory (or one above it)."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        cwd = None
+    real = os.path.realpath(final)
+    if cwd is not None and (cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)):
+        raise CheckpointExistsError(
+            f"{final}: is this process's working directory or holds it; a save replaces the "
+            f"directory at its path, so save to a directory of its own, e.g. "
+            f"{os.path.join(final, 'checkpoint')}.")
+    if os.path.isdir(real) and os.path.ismount(real):
+        raise CheckpointExistsError(
+            f"{final}: is a mount point; a checkpoint is published by renaming a directory "
+            f"onto its path, which a mount point cannot take. Save to a directory inside it, "
+            f"e.g. {os.path.join(final, 'checkpoint')}.")
+
+
 def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = False) -> None:
     """Make `staging` visible as `final` in one atomic step.
 
@@ -309,6 +349,7 @@ def publish(staging: str, final: str, *, overwrite: bool, replace_any: bool = Fa
             _fsync_published(parent, final)
             return
         state = storage_for(final).state(final)
+        _adopt_mode(staging, final)
         if state == DirState.EMPTY:
             try:
                 os.rmdir(final)
