@@ -315,3 +315,26 @@ def test_async_incremental_saves_and_a_restore_that_skips_a_broken_base(tmp_path
     mgr = W.manager(root, keep_last=None)
     with pytest.warns(RuntimeWarning, match="step_00000001"):
         assert mgr.restore(W.empty_state()) is None
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "base_of_base"])
+def test_manager_does_not_build_on_a_damaged_base(tmp_path, damage):
+    # An incremental save onto a base whose data is gone commits fine and never loads.
+    root = str(tmp_path / "root")
+    mgr = W.manager(root)  # keep_last=2, full_every=3
+    mgr.save(1, W.state_at(1))
+    mgr.save(2, W.state_at(2))  # references step 1
+    victim = os.path.join(root, "step_00000002" if damage != "base_of_base" else "step_00000001",
+                          "data", "r00000.bin")
+    if damage == "delete":
+        os.unlink(victim)
+    else:
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    with pytest.warns(RuntimeWarning, match="written in full"):
+        mgr.save(3, W.state_at(3))
+    step3 = os.path.join(root, "step_00000003")
+    assert _manifest(step3)["bases"] == {}
+    assert W.matches(_loaded(step3), 3)
+    state = W.empty_state()
+    assert mgr.restore(state) == 3 and W.matches(state, 3)

@@ -124,10 +124,32 @@ class RootKeeper:
             return None, 0
         if not self.backoff.worth(m):
             return None, 0
+        damage = self._base_damage(prev)
+        if damage is not None:
+            # A save that referenced it would commit, and never load.
+            warnings.warn(f"{self._path(prev)}: not used as the base of step {step}'s "
+                          f"incremental save, which is written in full: {damage}",
+                          RuntimeWarning, stacklevel=2)
+            return None, 0
         # Leased until the save commits, so a concurrent `shardckpt gc` keeps it; the
         # checkpoints it references in turn stay because it (live) references them.
         self._save_leases = [self.leases.take(prev)]
         return prev, chain + 1
+
+    def _base_damage(self, name: str) -> str | None:
+        """Why checkpoint `name` cannot be a base, by the cheap check a restore makes first
+        (every data file, its own and its bases', there at its recorded size), or None."""
+        try:
+            reader = CheckpointReader(self._path(name))
+        except FALLBACK_ERRORS as e:
+            return str(e)
+        try:
+            err = precheck(reader) or reader.bases.precheck()
+        except FALLBACK_ERRORS as e:
+            err = e
+        finally:
+            reader.close()
+        return None if err is None else str(err)
 
     def droppable(self, infos: list[CheckpointInfo],
                    extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
