@@ -306,3 +306,14 @@ def test_fuzz_manifest_through_inspect_and_verify(tmp_path: Path, data: bytes, c
         assert len(err.strip().splitlines()) == 1 and err.startswith(f"shardckpt {cmd}: "), err
     else:
         json.loads(out)  # a result: strict JSON
+
+
+def test_tools_refuse_an_object_store_destination(tmp_path: Path, good: Path) -> None:
+    # The tools write local paths; a URL destination became a local "s3:/..." directory.
+    argvs = [("reshard", good, "s3://bucket/resharded", "--world-size", 2),
+             ("convert", good, "s3://bucket/conv", "--to", "shardckpt"),
+             ("convert", good, "memory://x/conv.safetensors", "--to", "safetensors")]
+    for a, p in zip(argvs, many(argvs, timeout=180)):
+        line = assert_fails(p, 1, a[0])
+        assert "object storage" in line, (a, line)
+    assert not (ROOT / "s3:").exists() and not (ROOT / "memory:").exists()

@@ -34,7 +34,7 @@ from .hf import (
     parse_size,
     write_hf_dir,
 )
-from .reshard import renamed_entries, write_checkpoint
+from .reshard import refuse_url_destination, renamed_entries, write_checkpoint
 from .safetensors_io import write_safetensors
 from .sources import (
     DEFAULT_SLAB_BYTES,
@@ -271,6 +271,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     src, dst = os.fspath(src), os.fspath(dst)
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+    refuse_url_destination(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("convert needs a destination different from the source")
     cast = _cast_dtype(dtype)

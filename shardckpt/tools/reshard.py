@@ -21,6 +21,7 @@ from ..format import Chunk, FileEntry, Manifest, ObjectEntry, StoredItem, Tensor
 from ..format.keys import KeyMap
 from ..io.commit import Commit
 from ..io.data_writer import DataFileWriter
+from ..io.storage import is_url
 from ..io.tensor_bytes import tensor_bytes
 from .sources import (
     DEFAULT_SLAB_BYTES,
@@ -99,6 +100,15 @@ def _plan(entries: list[Entry], world_size: int,
     return plan
 
 
+def refuse_url_destination(dst: str) -> None:
+    """The tools write local (or mounted) paths only; an object-store URL given as one would
+    otherwise become a local directory named like it ("./s3:/bucket/...")."""
+    if is_url(dst):
+        raise ValueError(f"{dst}: the tools write to a local or mounted path, not to object "
+                         f"storage; write it locally, then load it and shardckpt.save() it to "
+                         f"the URL (sources may be URLs)")
+
+
 def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
                      compression: str | None = None, level: int | None = None,
                      block_size: int | None = None, key_map: KeyMap | None = None,
@@ -114,6 +124,7 @@ def write_checkpoint(src: Source, dst: str, *, world_size: int = 1,
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, not {world_size}")
+    refuse_url_destination(dst)
     sc = src.codec or {}
     cfg = codec.CodecConfig(
         compression=compression or sc.get("compression", "zstd"),
