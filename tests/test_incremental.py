@@ -313,8 +313,10 @@ def test_async_incremental_saves_and_a_restore_that_skips_a_broken_base(tmp_path
     # The full step 1 lost by hand: restore skips what references it, with the reason.
     shutil.rmtree(os.path.join(root, "step_00000001"))
     mgr = W.manager(root, keep_last=None)
-    with pytest.warns(RuntimeWarning, match="step_00000001"):
-        assert mgr.restore(W.empty_state()) is None
+    # Every checkpoint references it: none loads, which is an error, not "a fresh run".
+    with pytest.raises(CorruptCheckpointError, match="none of its 3 committed") as ei:
+        mgr.restore(W.empty_state())
+    assert "step_00000001" in str(ei.value)
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "base_of_base"])

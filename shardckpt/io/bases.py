@@ -53,7 +53,8 @@ class BaseFiles:
         d = self.dir_of(ref)
         fe = self.bases.get(ref, {}).get(rel)
         return BaseCheckpointError(
-            f"{self.path}: {fqn!r} is stored partly in base checkpoint {d}, whose {rel} {what}; "
+            f"{self.path}: {'it' if fqn is None else repr(fqn)} is stored partly in base "
+            f"checkpoint {d}, whose {rel} {what}; "
             f"this incremental checkpoint cannot be loaded without it. Load a full checkpoint "
             f"or one whose base is intact.", path=join(d, rel), tensor=fqn, base=d,
             rank=None if fe is None else fe.rank)

@@ -62,10 +62,9 @@ class ManagerSaveResult:
 def step_entries(root: str) -> list[tuple[int, str]]:
     """(step, name) of every directory in `root` named like a step, symlinks excluded."""
     if is_url(root):
-        try:
-            kids = storage_for(root).children(root)
-        except ShardckptError:
-            return []
+        # A listing that fails (server down, credentials refused, no bucket) raises: read as
+        # "no checkpoints", it would make restore() start the run again from step 0.
+        kids = storage_for(root).children(root)
         return sorted((s, n) for n, d in kids if d and (s := parse_step(n)) is not None)
     try:
         entries = os.listdir(root)
@@ -170,6 +169,22 @@ def precheck(reader: CheckpointReader) -> CorruptCheckpointError | None:
         return CorruptCheckpointError(f"{reader.path}: checkpoint is damaged: " + "; ".join(bad),
                                       path=reader.path)
     return None
+
+
+def files_damage(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be used, by the cheap check a restore makes first
+    (every data file, its own and its bases', there at its recorded size), or None."""
+    try:
+        reader = CheckpointReader(path)
+    except ShardckptError as e:
+        return str(e)
+    try:
+        err = precheck(reader) or reader.bases.precheck()
+    except ShardckptError as e:
+        err = e
+    finally:
+        reader.close()
+    return None if err is None else str(err)
 
 
 def delete_checkpoint(root: str, name: str) -> bool:

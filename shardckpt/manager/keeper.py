@@ -36,7 +36,7 @@ from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
 from . import refcount
 from .backoff import BaseBackoff
-from .catalog import CheckpointInfo, list_checkpoints, precheck, step_entries
+from .catalog import CheckpointInfo, files_damage, list_checkpoints, precheck, step_entries
 from .leases import Leases
 from .names import BEST_POINTER, LATEST_POINTER, parse_leftover_in_root, parse_step, step_dir_name
 from .pointers import Pointers
@@ -124,7 +124,7 @@ class RootKeeper:
             return None, 0
         if not self.backoff.worth(m):
             return None, 0
-        damage = self._base_damage(prev)
+        damage = files_damage(self._path(prev))
         if damage is not None:
             # A save that referenced it would commit, and never load.
             warnings.warn(f"{self._path(prev)}: not used as the base of step {step}'s "
@@ -135,21 +135,6 @@ class RootKeeper:
         # checkpoints it references in turn stay because it (live) references them.
         self._save_leases = [self.leases.take(prev)]
         return prev, chain + 1
-
-    def _base_damage(self, name: str) -> str | None:
-        """Why checkpoint `name` cannot be a base, by the cheap check a restore makes first
-        (every data file, its own and its bases', there at its recorded size), or None."""
-        try:
-            reader = CheckpointReader(self._path(name))
-        except FALLBACK_ERRORS as e:
-            return str(e)
-        try:
-            err = precheck(reader) or reader.bases.precheck()
-        except FALLBACK_ERRORS as e:
-            err = e
-        finally:
-            reader.close()
-        return None if err is None else str(err)
 
     def droppable(self, infos: list[CheckpointInfo],
                    extra: tuple[int, float | None] | None = None) -> list[CheckpointInfo]:
@@ -370,6 +355,15 @@ class RootKeeper:
                 return {"name": name, "notes": notes}
             self.leases.drop(holder.pop("lease"))
             notes.append(f"skipping {path}: {err}")
+        failed = [n for n in notes if n.startswith("skipping ")]
+        if failed or exclude:
+            # Checkpoints exist and none loads: None would read as "a fresh run", which then
+            # starts from step 0 and overwrites them.
+            raise CorruptCheckpointError(
+                f"{self.root}: none of its {len(failed) + len(exclude)} committed checkpoints "
+                f"loads, so nothing was restored: {'; '.join(failed[:3]) or 'see the warnings'}."
+                f" Repair or remove them (`shardckpt verify`, `shardckpt gc`), restore one by "
+                f"step=, or start the run in a new root.", path=self.root)
         return {"name": None, "notes": notes}
 
     def repair_pointers(self, name: str, manifest: Any) -> None:

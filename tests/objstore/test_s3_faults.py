@@ -117,3 +117,20 @@ def test_kill_9_mid_multipart_upload(bucket, proxy, s3_server):
     assert left and all(k.startswith("run/step_1/") for k in left)
     shardckpt.load(out, f"{root}/step_1")
     assert torch.equal(out["w"], prev["w"])
+
+
+def test_a_listing_that_fails_is_an_error_not_an_empty_run(bucket, proxy):
+    # Read as "no checkpoints", a failed listing made restore() return None: the job then
+    # started again from step 0 over its own checkpoints.
+    b = _via(proxy, bucket, max_attempts=2)
+    mgr = shardckpt.CheckpointManager(f"{b}/run", keep_last=2)
+    mgr.save(1, {"w": torch.arange(8.0)})
+    proxy.add("list-type", "503", times=10 ** 6)
+    with pytest.raises(shardckpt.ShardckptError, match="SlowDown|503"):
+        shardckpt.list_checkpoints(f"{b}/run")
+    with pytest.raises(shardckpt.ShardckptError, match="SlowDown|503"):
+        shardckpt.CheckpointManager(f"{b}/run", keep_last=2).restore({"w": torch.zeros(8)})
+    proxy.rules.clear()
+    out = {"w": torch.zeros(8)}
+    assert shardckpt.CheckpointManager(f"{b}/run", keep_last=2).restore(out) == 1
+    assert torch.equal(out["w"], torch.arange(8.0))
