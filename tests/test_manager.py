@@ -415,3 +415,29 @@ def test_real_full_disk_in_last_block(tiny_disk):
     mgr.save(1, {"w": torch.zeros(10)})
     with pytest.raises(shardckpt.InsufficientSpaceError, match="disk full"):
         mgr.save(2, {"w": torch.randn(600_000)})  # 2.4 MB in one block: a short write
+
+
+def test_retention_and_gc_keep_the_files_a_user_put_in_a_checkpoint(tmp_path):
+    # Invariant 8: retention deleted the whole directory, eval reports and all.
+    mgr = _mgr(tmp_path, keep_last=1)
+    mgr.save(1, W.make_state(1))
+    step1 = tmp_path / "step_00000001"
+    (step1 / "eval_report.json").write_text('{"acc": 0.9}')
+    (step1 / "export").mkdir()
+    (step1 / "export" / "model.pt").write_bytes(b"weights")
+    (step1 / "data" / "notes.txt").write_text("mine")
+    mgr.save(2, W.make_state(2))  # retention drops step 1
+    assert [i.step for i in shardckpt.list_checkpoints(tmp_path)] == [2]
+    assert sorted(str(p.relative_to(step1)) for p in step1.rglob("*")) == [
+        "data", "data/notes.txt", "eval_report.json", "export", "export/model.pt"]
+    assert (step1 / "export" / "model.pt").read_bytes() == b"weights"
+    assert not [n for n in os.listdir(tmp_path) if ".old-" in n]  # nothing left in the trash
+    # gc --keep-last too
+    (tmp_path / "step_00000002" / "keep.txt").write_text("k")
+    mgr.save(3, W.make_state(3))
+    mgr.close()
+    from shardckpt.tools.gc import gc
+
+    gc(str(tmp_path), keep_last=1, older_than=0)  # step 3 stays
+    assert (tmp_path / "step_00000002" / "keep.txt").read_text() == "k"
+    assert (step1 / "eval_report.json").exists()

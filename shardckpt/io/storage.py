@@ -327,9 +327,9 @@ class LocalStorage:
         import uuid
 
         from ..format.names import trash_name
-        from .fsutil import remove_dir
+        from .foreign import remove_checkpoint_dir
 
-        return remove_dir(os.path.join(root, name),
+        return remove_checkpoint_dir(os.path.join(root, name),
                           os.path.join(root, trash_name(name, uuid.uuid4().hex[:12])))
 
 

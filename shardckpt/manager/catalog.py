@@ -17,7 +17,7 @@ from ..errors import CorruptCheckpointError, ShardckptError
 from ..format import Manifest
 from ..format.names import MANIFEST_NAME, trash_name
 from ..io.committed import read_committed
-from ..io.fsutil import remove_dir
+from ..io.foreign import remove_checkpoint_dir
 from ..io.reader import CheckpointReader
 from ..io.storage import is_url, join, norm_path, storage_for
 from .names import LATEST_POINTER, parse_step
@@ -193,5 +193,5 @@ def delete_checkpoint(root: str, name: str) -> bool:
     # save (or `shardckpt gc`) removes.
     if is_url(root):
         return storage_for(root).delete_checkpoint(root, name)
-    return remove_dir(os.path.join(root, name),
+    return remove_checkpoint_dir(os.path.join(root, name),
                       os.path.join(root, trash_name(name, uuid.uuid4().hex[:12])))
