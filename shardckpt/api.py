@@ -153,6 +153,12 @@ def save(state: Any, path: str | os.PathLike, *, process_group: Any = None,
                                                   process_group=process_group))
     except BaseException as e:
         writer.abort()
+        if writer.committed and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise SaveFailedError(
+                f"{norm_path(path)}: the checkpoint WAS committed (complete, durable and "
+                f"loadable); what failed came after the commit, on the way back to the ranks "
+                f"({type(e).__name__}: {e}): another rank likely died. Check the other ranks' "
+                f"logs before resuming from it.") from e
         err = typed_error(e, path=os.fspath(path), action="save")
         if err is e:
             raise

@@ -67,3 +67,26 @@ def test_a_mount_point_is_refused_before_anything_is_written(tmp_path):
         assert torch.equal(out["w"], _state()["w"])
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_failure_after_the_commit_says_the_checkpoint_was_committed(tmp_path, monkeypatch):
+    # DCP's last collective runs after rank 0 committed: a rank dying then failed the save
+    # with "nothing was committed" for a checkpoint that is listed, latest and loadable.
+    from shardckpt.dcp.writer import ShardWriter
+    from shardckpt.errors import SaveFailedError
+
+    finish = ShardWriter.finish
+
+    def finish_then_peer_dies(self, *a, **kw):
+        finish(self, *a, **kw)
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(ShardWriter, "finish", finish_then_peer_dies)
+    with pytest.raises(SaveFailedError, match="WAS committed") as ei:
+        shardckpt.save(_state(), tmp_path / "ck")
+    assert "Connection closed by peer" in str(ei.value) and "nothing was committed" not in str(
+        ei.value)
+    monkeypatch.undo()
+    out = {"w": torch.zeros(3, 4), "step": 0}
+    shardckpt.load(out, tmp_path / "ck")
+    assert out["step"] == 3 and torch.equal(out["w"], _state()["w"])

@@ -67,6 +67,8 @@ def _resolved(plan: SavePlan, planner: SavePlanner) -> Iterator[tuple[Any, int]]
 class ShardWriter(StorageWriter):
     """Writes a shardckpt checkpoint; one data file per rank, atomic commit by the coordinator."""
 
+    committed = False  # rank 0, once the manifest is published
+
     def __init__(self, path: str | os.PathLike | None = None, *, compression: str = "zstd",
                  level: int = 1, block_size: int = DEFAULT_BLOCK_SIZE,
                  threads: int | None = None, overwrite: bool = True,
@@ -95,6 +97,7 @@ class ShardWriter(StorageWriter):
             self.path = os.fspath(checkpoint_id)
         self.save_id = uuid.uuid4().hex
         self._commit = None
+        self.committed = False
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -244,6 +247,7 @@ class ShardWriter(StorageWriter):
         commit = self._commit
         commit.finalize(manifest)
         self._commit = None
+        self.committed = True  # a failure from here on (DCP's last collective) is after it
         # DCP broadcasts this Metadata to every rank as dcp.save's return value:
         # the totals reach ranks that never saw the manifest.
         metadata.storage_data = {
