@@ -441,3 +441,30 @@ def test_retention_and_gc_keep_the_files_a_user_put_in_a_checkpoint(tmp_path):
     gc(str(tmp_path), keep_last=1, older_than=0)  # step 3 stays
     assert (tmp_path / "step_00000002" / "keep.txt").read_text() == "k"
     assert (step1 / "eval_report.json").exists()
+
+
+_PEER_DIES = r"""
+import os, sys, torch, shardckpt, torch.distributed as dist
+dist.init_process_group("gloo"); rank = dist.get_rank()
+mgr = shardckpt.CheckpointManager(sys.argv[1], keep_last=2, preemption_signals=(), timeout=20)
+mgr.save(1, {"w": torch.ones(10)})
+if rank == 1:
+    os._exit(0)  # the peer dies (OOM kill, node loss)
+try:
+    mgr.save(2, {"w": torch.ones(10)})
+except Exception as e:
+    print(type(e).__name__, isinstance(e, shardckpt.ShardckptError), str(e)[:200], flush=True)
+"""
+
+
+def test_a_peer_that_died_is_a_typed_error_from_the_managers_collectives(tmp_path):
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _PEER_DIES, str(tmp_path)], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port, OMP_NUM_THREADS="1")) for r in range(2)]
+    out = procs[0].communicate(timeout=180)[0]
+    procs[1].wait(timeout=60)
+    assert out.split()[:2] in (["CollectiveTimeoutError", "True"], ["SaveFailedError", "True"]), out
+    assert [i.step for i in shardckpt.list_checkpoints(tmp_path)] == [1]

@@ -7,16 +7,17 @@ interleave with training collectives.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import errors as _errors
-from ..errors import InsufficientSpaceError, ShardckptError
+from ..errors import CollectiveTimeoutError, InsufficientSpaceError, ShardckptError
 
 
 def is_enospc(e: BaseException | None, seen: set[int] | None = None) -> bool:
@@ -50,6 +51,19 @@ def rebuild_error(name: str, message: str) -> BaseException:
     return ShardckptError(f"[rank 0] {name}: {message}")
 
 
+@contextlib.contextmanager
+def _peers_answer(what: str) -> Iterator[None]:
+    """The manager's own collectives raise a typed error when a peer is gone: gloo says
+    "Connection closed by peer" (a RuntimeError) when another rank died."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise CollectiveTimeoutError(
+            f"CheckpointManager: another rank died or stopped answering while {what} "
+            f"({type(e).__name__}: {str(e)[:300]}); checkpoints already committed are intact. "
+            f"Restart the job; restore() resumes from the newest of them.") from e
+
+
 class Control:
     """The manager's collectives, on a dedicated gloo group (or none when not distributed)."""
 
@@ -71,7 +85,8 @@ class Control:
         if self.size == 1:
             return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        with _peers_answer("agreeing on a flag"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
     def decide(self, fn: Callable[[], Any]) -> Any:
@@ -86,7 +101,8 @@ class Control:
                 out = ("err", type(e).__name__, str(e))
         if self.size > 1:
             box = [out]
-            dist.broadcast_object_list(box, src=self._src, group=self.group)
+            with _peers_answer("sharing rank 0's decision"):
+                dist.broadcast_object_list(box, src=self._src, group=self.group)
             out = box[0]
         if out[0] == "err":
             raise exc if exc is not None else rebuild_error(out[1], out[2])
@@ -96,5 +112,6 @@ class Control:
         if self.size == 1:
             return [obj]
         box: list[Any] = [None] * self.size
-        dist.all_gather_object(box, obj, group=self.group)
+        with _peers_answer("gathering every rank's outcome"):
+            dist.all_gather_object(box, obj, group=self.group)
         return box
