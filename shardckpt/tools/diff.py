@@ -13,6 +13,7 @@ carries a hint (`format.keys.prefix_hint`).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import sys
@@ -122,13 +123,17 @@ def _compare_tensor(sa: Source, e: Entry, sb: Source, eb: Entry, key: str, slab_
             equal += int((ua == ub).sum())
             total += fa.numel()
             if fa.dtype.is_floating_point or fa.dtype.is_complex:
-                d = (fa.to(torch.complex128 if fa.is_complex() else torch.float64)
-                     - fb.to(torch.complex128 if fb.is_complex() else torch.float64)).abs()
+                wa = fa.to(torch.complex128 if fa.is_complex() else torch.float64)
+                wb = fb.to(torch.complex128 if fb.is_complex() else torch.float64)
+                if bool((torch.isnan(wa) != torch.isnan(wb)).any()):
+                    max_diff = math.inf  # NaN against a number: as far apart as it gets
+                d = (wa - wb).abs()
                 d = d[~torch.isnan(d)]
                 if d.numel():
                     max_diff = max(max_diff, float(d.max()))
             elif fa.dtype != torch.bool:
-                max_diff = max(max_diff, float((fa.long() - fb.long()).abs().max()))
+                # In float64: int64 (or uint64) differences can overflow int64 and wrap.
+                max_diff = max(max_diff, float((fa.double() - fb.double()).abs().max()))
             else:
                 max_diff = max(max_diff, float((fa != fb).any()))
         if on_progress:
@@ -145,9 +150,20 @@ def _as_bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _objects_equal(x: Any, y: Any) -> bool:
+    """Equal as stored: NaN equals NaN and tensors compare bitwise, as tensor values do (a
+    checkpoint diffed against itself must come out the same)."""
     try:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                    and x.dtype == y.dtype and x.shape == y.shape
+                    and bool((_as_bits(x.reshape(-1)) == _as_bits(y.reshape(-1))).all()))
+        if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+            return True
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(_objects_equal(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return (type(x) is type(y) and len(x) == len(y)
+                    and all(_objects_equal(a, b) for a, b in zip(x, y)))
         return bool(x == y)
     except Exception:  # incomparable values are reported as different
         return False
