@@ -134,3 +134,14 @@ def test_a_listing_that_fails_is_an_error_not_an_empty_run(bucket, proxy):
     out = {"w": torch.zeros(8)}
     assert shardckpt.CheckpointManager(f"{b}/run", keep_last=2).restore(out) == 1
     assert torch.equal(out["w"], torch.arange(8.0))
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_max_attempts_counts_every_request(bucket, proxy, attempts):
+    b = _via(proxy, bucket, max_attempts=attempts)
+    proxy.add("PUT", "503", times=10 ** 6)
+    with pytest.raises(SaveFailedError):
+        shardckpt.save({"w": torch.arange(8.0)}, f"{b}/run/attempts_{attempts}")
+    puts = [a for _, a in proxy.log if a == "503"]
+    # One request of the save is refused that many times, then it gives up.
+    assert len(puts) == attempts, proxy.log

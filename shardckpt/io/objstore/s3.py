@@ -59,8 +59,10 @@ def make_client(options: dict) -> Any:
     region = opts.pop("region_name", None) or _env("AWS_REGION", "AWS_DEFAULT_REGION") \
         or "us-east-1"
     cfg = Config(
-        retries={"mode": "standard", "max_attempts": int(options.get("max_attempts",
-                                                                      DEFAULT_ATTEMPTS))},
+        # total_max_attempts counts the first request; botocore's max_attempts counts only
+        # the retries after it (max_attempts=3 sent 4 requests).
+        retries={"mode": "standard",
+                 "total_max_attempts": int(options.get("max_attempts", DEFAULT_ATTEMPTS))},
         connect_timeout=float(options.get("connect_timeout", 10)),
         read_timeout=float(options.get("read_timeout", 60)),
         max_pool_connections=64,
