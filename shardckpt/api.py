@@ -58,15 +58,17 @@ def typed_error(e: BaseException, *, path: str, action: str) -> BaseException:
     is raised as itself, an OSError becomes a typed write/read error naming the
     path and rank, anything else is chained under SaveFailedError/LoadFailedError.
     """
-    if isinstance(e, ShardckptError) or isinstance(e, (KeyboardInterrupt, SystemExit)):
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
         return e
+    if isinstance(e, ShardckptError):
+        return _as_save_error(e) if action == "save" else e
     failures = _failures(e)
     multi = len(failures) > 1
     for rank, exc in failures:
         if isinstance(exc, ShardckptError):
             if multi and "rank" not in str(exc):
                 exc.args = (f"[rank {rank}] {exc.args[0] if exc.args else ''}",) + exc.args[1:]
-            return exc
+            return _as_save_error(exc) if action == "save" else exc
     rank, first = failures[0]
     who = path if rank is None else f"{path} (rank {rank})"
     if action == "save":
@@ -79,6 +81,17 @@ def typed_error(e: BaseException, *, path: str, action: str) -> BaseException:
         err = LoadFailedError(f"{who}: load failed ({type(first).__name__}: {first}); the "
                               f"state may be partly loaded, the checkpoint is unchanged.")
     err.__cause__ = first
+    return err
+
+
+def _as_save_error(e: ShardckptError) -> ShardckptError:
+    """A read that failed inside a save (the target's state, a base's manifest on an
+    unreachable store) is the save's failure: `except SaveFailedError` must see it."""
+    if type(e) is not LoadFailedError:
+        return e
+    err = SaveFailedError(f"{e}; the save failed, nothing was committed and earlier "
+                          f"checkpoints are intact.")
+    err.__cause__ = e
     return err
 
 

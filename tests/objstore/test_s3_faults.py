@@ -145,3 +145,12 @@ def test_max_attempts_counts_every_request(bucket, proxy, attempts):
     puts = [a for _, a in proxy.log if a == "503"]
     # One request of the save is refused that many times, then it gives up.
     assert len(puts) == attempts, proxy.log
+
+
+def test_a_save_to_an_unreachable_store_is_a_save_error(s3_server):
+    from tests.workers.world import free_port
+
+    opts = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1,
+            "connect_timeout": 1, "aws_access_key_id": "x", "aws_secret_access_key": "x"}
+    with pytest.raises(SaveFailedError, match="nothing was committed"):
+        shardckpt.save({"w": torch.ones(2)}, "s3://nobody-listens/ck", storage_options=opts)
