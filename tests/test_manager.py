@@ -468,3 +468,18 @@ def test_a_peer_that_died_is_a_typed_error_from_the_managers_collectives(tmp_pat
     procs[1].wait(timeout=60)
     assert out.split()[:2] in (["CollectiveTimeoutError", "True"], ["SaveFailedError", "True"]), out
     assert [i.step for i in shardckpt.list_checkpoints(tmp_path)] == [1]
+
+
+def test_latest_skips_a_checkpoint_whose_data_is_missing_or_truncated(tmp_path):
+    mgr = _mgr(tmp_path, keep_last=None)
+    for s in (1, 2, 3):
+        mgr.save(s, W.make_state(s))
+    mgr.close()
+    assert shardckpt.latest(tmp_path).endswith("step_00000003")
+    data3 = tmp_path / "step_00000003" / "data" / "r00000.bin"
+    data3.write_bytes(data3.read_bytes()[:10])  # truncated: the load would fail
+    assert shardckpt.latest(tmp_path).endswith("step_00000002")
+    (tmp_path / "step_00000002" / "data" / "r00000.bin").unlink()
+    assert shardckpt.latest(tmp_path).endswith("step_00000001")
+    state = W.empty_state()
+    shardckpt.load(state, shardckpt.latest(tmp_path))

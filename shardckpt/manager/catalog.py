@@ -143,11 +143,17 @@ def latest(root: str | os.PathLike, *, storage_options: dict | None = None) -> s
         return None
     p = Pointers(root).read(LATEST_POINTER)
     newest = infos[-1]
+    order = infos[::-1]
     if p is not None:
         named = [i for i in infos if i.name == p["name"]]
         if named and named[0].step >= newest.step:
-            return named[0].path
-    return newest.path
+            order = named + [i for i in order if i is not named[0]]
+    # "Valid" as restore() means it: a checkpoint whose data file is missing or truncated
+    # would fail the load its caller is about to make.
+    for info in order:
+        if files_damage(info.path) is None:
+            return info.path
+    return None
 
 
 def precheck(reader: CheckpointReader) -> CorruptCheckpointError | None:
