@@ -229,8 +229,13 @@ def test_gc_agrees_with_retention(tmp_path):
     assert W.matches(_loaded(os.path.join(root, "step_00000006")), 6)
     for s in (6, 5):  # standalone: nothing references step 1 any more
         materialize(os.path.join(root, f"step_{s:08d}"))
+    dry = gc(root, older_than=0, dry_run=True)  # says what the real run then does
+    assert [(a.kind, a.path) for a in dry.removed] == [
+        ("retired", os.path.join(root, "step_00000001"))] and dry.removed[0].bytes > 0
+    assert os.path.exists(os.path.join(root, "step_00000001"))
     rep = gc(root, older_than=0)  # leftovers only, and retired checkpoints nobody uses
     assert [a.kind for a in rep.removed] == ["retired"]
+    assert rep.removed[0].bytes == dry.removed[0].bytes
     assert not os.path.exists(os.path.join(root, "step_00000001"))
     assert W.matches(_loaded(os.path.join(root, "step_00000005")), 5)
 

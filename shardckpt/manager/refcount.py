@@ -118,11 +118,17 @@ def drop(root: str, name: str, refs: References | None = None) -> str | None:
 def sweep(root: str, protected: set[str] = frozenset(), refs: References | None = None,
           ) -> list[str]:
     """Delete retired checkpoints that no live checkpoint references any more."""
+    return [n for n in sweepable(root, protected, refs) if delete_checkpoint(root, n)]
+
+
+def sweepable(root: str, protected: set[str] = frozenset(), refs: References | None = None,
+              ) -> list[str]:
+    """The retired checkpoints `sweep` would delete (what `gc --dry-run` reports)."""
     retired = [n for n in retired_names(root) if n not in protected]
     if not retired:
         return []
     refs = references(root) if refs is None else refs
-    return [n for n in retired if not refs.may_be_used(n) and delete_checkpoint(root, n)]
+    return [n for n in retired if not refs.may_be_used(n)]
 
 
 def release(root: str, name: str) -> list[str]:

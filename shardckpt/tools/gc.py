@@ -22,7 +22,7 @@ from ..io.commit import staging_abandoned
 from ..io.fsutil import dir_size, pid_alive, remove_dir
 from ..io.storage import is_url, join, norm_path, storage_for
 from ..manager import refcount
-from ..manager.catalog import list_checkpoints
+from ..manager.catalog import delete_checkpoint, list_checkpoints
 from ..manager.leases import Leases
 from ..manager.pointers import Pointers
 from ..manager.retention import LastN
@@ -143,8 +143,7 @@ def gc(root: str | os.PathLike, *, keep_last: int | None = None, older_than: flo
                 if not remove_dir(a.path, os.path.join(root, trash_name(base, uuid.uuid4().hex[:12]))):
                     continue
         report.removed.append(a)
-    if not dry_run:
-        _sweep(root, report)
+    _sweep(root, report, dry_run)
     return report
 
 
@@ -153,12 +152,22 @@ def _drop(root: str, a: GcAction) -> bool:
     return refcount.drop(root, a.path.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
-def _sweep(root: str, report: GcReport) -> None:
+def _sweep(root: str, report: GcReport, dry_run: bool) -> None:
     """Retired checkpoints nothing references any more are leftovers too."""
     protected = set(Pointers(root).names().values()) | Leases(root).live_names(remove_stale=False)
-    for name in refcount.sweep(root, protected):
-        report.removed.append(GcAction(join(root, name), "retired",
-                                       "retired, and no checkpoint references it any more", 0))
+    for name in refcount.sweepable(root, protected):
+        path = join(root, name)
+        size = _checkpoint_bytes(path)
+        if dry_run or delete_checkpoint(root, name):
+            report.removed.append(GcAction(path, "retired",
+                                           "retired, and no checkpoint references it any more",
+                                           size))
+
+
+def _checkpoint_bytes(path: str) -> int:
+    if is_url(path):
+        return 0  # a listing per checkpoint for a figure: not worth it on object storage
+    return dir_size(path)
 
 
 def _retention(root: str, keep_last: int | None, report: GcReport) -> list[GcAction]:
@@ -205,6 +214,5 @@ def _gc_remote(root: str, keep_last: int | None, older_than: float, dry_run: boo
         if not dry_run:
             remove_leftover(st, item)
         report.removed.append(GcAction(item.url, item.kind, item.reason, item.bytes))
-    if not dry_run:
-        _sweep(root, report)
+    _sweep(root, report, dry_run)
     return report
