@@ -21,8 +21,14 @@ from . import format as fmt
 from .dcp import SafeLoadPlanner, SafeSavePlanner, ShardReader, ShardWriter
 from .dcp.join import agree, join
 from .dcp.planner import key_hint
-from .errors import LoadFailedError, MissingKeysError, SaveFailedError, ShardckptError
-from .format.keys import key_mapper, model_key_map
+from .errors import (
+    LoadFailedError,
+    MissingKeysError,
+    SaveFailedError,
+    ShardckptError,
+    StateMismatchError,
+)
+from .format.keys import AmbiguousKeysError, key_mapper, model_key_map
 from .gcpause import gc_paused
 from .io.data_writer import typed_write_error
 from .io.reader import CheckpointReader
@@ -279,7 +285,10 @@ def load_model(model: Any, path: str | os.PathLike, *, strict: bool = True,
     msd = get_model_state_dict(model)
     ckpt = _open_everywhere(path, process_group, timeout, threads=threads)
     try:
-        key_map, prefix, hits = model_key_map(msd, ckpt.stored_manifest.keys())
+        try:
+            key_map, prefix, hits = model_key_map(msd, ckpt.stored_manifest.keys())
+        except AmbiguousKeysError as e:
+            raise StateMismatchError(f"{ckpt.path}: {e}") from None
         if hits == 0:
             raise MissingKeysError(
                 f"{ckpt.path}: none of the model's {len(msd)} keys (e.g. {next(iter(msd), '')!r}) "

@@ -120,3 +120,22 @@ def test_missing_keys_error_says_which_mapping_would_match(tmp_path):
     with pytest.raises(shardckpt.MissingKeysError, match=r"rename=\{'\^': 'module\.'\}"):
         shardckpt.load({f"module.{k}": v for k, v in _model(1).state_dict().items()},
                        tmp_path / "plain")
+
+
+def test_load_model_refuses_to_guess_between_two_submodules_that_fit(tmp_path):
+    # Linear(4, 4) fits both layer 0 and layer 2 of this Sequential: loading either one
+    # silently (the shorter-prefix rule picked "0.") loads weights of the wrong layer.
+    import torch.nn as nn
+
+    from shardckpt.errors import StateMismatchError
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    shardckpt.save(seq, tmp_path / "seq")
+    with pytest.raises(StateMismatchError, match="'model.0.', 'model.2.'"):
+        shardckpt.load_model(nn.Linear(4, 4), tmp_path / "seq")
+    one = nn.Sequential(nn.Linear(4, 4), nn.ReLU())  # one submodule fits: no guess needed
+    shardckpt.save(one, tmp_path / "one")
+    lin = nn.Linear(4, 4)
+    shardckpt.load_model(lin, tmp_path / "one", strict=False)
+    assert torch.equal(lin.weight, one[0].weight) and torch.equal(lin.bias, one[0].bias)

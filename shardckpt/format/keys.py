@@ -123,6 +123,21 @@ WRAPPER_COMPONENTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.",
                       "_checkpoint_wrapped_module.")
 
 
+class AmbiguousKeysError(ValueError):
+    """A model's keys fit a checkpoint under more than one prefix equally well."""
+
+
+def _prefix_hits(stored: list[str], wanted: set[str], norm: KeyMap) -> dict[str, int]:
+    """For each prefix: how many stored keys, once normalized, are a wanted key under it."""
+    counts: dict[str, int] = {}
+    for k in stored:
+        n = norm(k)
+        for i in [0] + [j + 1 for j, c in enumerate(n) if c == "."]:
+            if n[i:] in wanted:
+                counts[n[:i]] = counts.get(n[:i], 0) + 1
+    return counts
+
+
 def model_key_map(wanted: Iterable[str], stored: Iterable[str]) -> tuple[KeyMap, str, int]:
     """A key function that finds a model's keys inside any checkpoint layout.
 
@@ -136,12 +151,7 @@ def model_key_map(wanted: Iterable[str], stored: Iterable[str]) -> tuple[KeyMap,
     unwrap = key_mapper(WRAPPER_COMPONENTS)
     best: tuple[int, str, KeyMap | None] = (0, "", None)
     for norm in (lambda k: k, unwrap):
-        counts: dict[str, int] = {}
-        for k in stored:
-            n = norm(k)
-            for i in [0] + [j + 1 for j, c in enumerate(n) if c == "."]:
-                if n[i:] in wanted:
-                    counts[n[:i]] = counts.get(n[:i], 0) + 1
+        counts = _prefix_hits(stored, wanted, norm)
         for prefix, hits in counts.items():
             if hits > best[0] or (hits == best[0] and best[2] is not None
                                   and len(prefix) < len(best[1])):
@@ -151,6 +161,15 @@ def model_key_map(wanted: Iterable[str], stored: Iterable[str]) -> tuple[KeyMap,
     hits, prefix, norm = best
     if norm is None:
         return (lambda k: "\0" + k), "", 0
+    tied = sorted(p for p, h in _prefix_hits(stored, wanted, norm).items() if h == hits)
+    if len(tied) > 1 and len({len(p) for p in tied}) == 1:
+        # Two submodules that fit equally (`0.` and `2.` of a Sequential): the shorter-prefix
+        # rule cannot choose, and loading either silently would load the wrong weights.
+        raise AmbiguousKeysError(
+            f"the model's keys fit the checkpoint under {len(tied)} prefixes equally "
+            f"({', '.join(repr(p) for p in tied[:4])}); choose one: sd = model.state_dict(); "
+            f"shardckpt.load(sd, path, strip_prefix={tied[0]!r}, strict=False); "
+            f"model.load_state_dict(sd)")
 
     def fn(key: str) -> str:
         n = norm(key)
