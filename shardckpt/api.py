@@ -225,9 +225,10 @@ def load(state: Any, path: str | os.PathLike, *, process_group: Any = None,
 
     With `strict`, keys missing from the checkpoint, keys of the checkpoint that
     nothing asked for, and shape or dtype differences raise typed errors.
-    `include` / `exclude` (glob patterns on the checkpoint's keys) limit which
-    checkpoint keys the load is about: the others are never "unexpected"; every
-    key the state asks for must still be there. `strip_prefix` ("module.") and
+    `include` / `exclude` (glob patterns on the keys, the checkpoint's after
+    mapping and the state's) limit what the load is about: keys out of scope are
+    neither loaded (the state's keep their values, whatever their shape) nor
+    "unexpected"; every key in scope the state asks for must be there. `strip_prefix` ("module.") and
     `rename` ({regex: replacement}) map the checkpoint's keys to the state's
     before matching (docs/USAGE.md: key mapping). Returns a LoadReport; with
     strict=False it warns when an asked-for key was not loaded.

@@ -139,3 +139,23 @@ def test_load_model_refuses_to_guess_between_two_submodules_that_fit(tmp_path):
     lin = nn.Linear(4, 4)
     shardckpt.load_model(lin, tmp_path / "one", strict=False)
     assert torch.equal(lin.weight, one[0].weight) and torch.equal(lin.bias, one[0].bias)
+
+
+def test_excluded_keys_of_the_state_keep_their_values_whatever_their_shape(tmp_path):
+    # Fine-tuning with a new head: exclude it, load the rest. Before, the checkpoint's
+    # head still overwrote the new one (or a new shape raised ShapeMismatchError).
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    shardckpt.save({"model": old.state_dict()}, tmp_path / "ck")
+    for out in (3, 10):  # the same head shape, and a new one
+        torch.manual_seed(1)
+        new = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, out))
+        head = [p.detach().clone() for p in new[2].parameters()]
+        sd = new.state_dict()
+        rep = shardckpt.load({"model": sd}, tmp_path / "ck", exclude=["model.2.*"])
+        new.load_state_dict(sd)
+        assert torch.equal(new[0].weight, old[0].weight) and torch.equal(new[0].bias, old[0].bias)
+        assert all(torch.equal(a, b) for a, b in zip(new[2].parameters(), head))
+        assert rep.missing == [] and rep.unexpected == [] and "model.2.weight" not in rep.loaded

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
+    create_default_local_load_plan,
     create_default_local_save_plan,
 )
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
@@ -248,6 +249,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         md = self.metadata.state_dict_metadata
+        # Keys of the state out of scope (exclude=["model.head.*"] when fine-tuning with a new
+        # head) are not loaded: they keep their values, need not be in the checkpoint and may
+        # differ in shape.
+        skipped = [k for k in self.state_dict if not self._in_scope(k)] if self.scope else []
+        for k in skipped:
+            del self.state_dict[k]
         missing = self.missing = sorted(k for k in self.state_dict if k not in md)
         self.unexpected = sorted(k for k in md if k not in self.state_dict
                                  and self._in_scope(k) and not is_rank_local(k))
@@ -280,7 +287,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 raise ShapeMismatchError(
                     f"{self.path}: {fqn!r} is a non-tensor object in the checkpoint but a tensor "
                     f"in the state to load into.")
-        plan = super().create_local_plan()
+        if skipped:
+            # Not super(): DCP reads keys the state lacks as a pre-2.4 checkpoint's and puts
+            # every key back (shardckpt checkpoints are never such).
+            plan = create_default_local_load_plan(self.state_dict, self.metadata,
+                                                  not self.allow_partial_load)
+        else:
+            plan = super().create_local_plan()
         # Tell the coordinator which keys this rank asked for, so it can find
         # checkpoint keys that no rank wants (strict "unexpected keys").
         return dataclasses.replace(plan, planner_data=sorted(self.state_dict))
