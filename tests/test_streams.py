@@ -21,6 +21,7 @@ from shardckpt.io import policy as policy_mod
 from shardckpt.io.data_writer import DataFileWriter
 from shardckpt.io.policy import REPROBE_EVERY, CompressionPolicy
 from shardckpt.io.sinks import LocalSink
+from shardckpt.io.tensor_bytes import tensor_bytes
 
 MB = 1 << 20
 
@@ -146,7 +147,7 @@ def test_a_data_file_of_one_job_is_written_without_a_writer_thread(tmp_path, mon
     cfg = codec.CodecConfig(block_size=256 * 1024, compression="none")
     w = DataFileWriter(sink, "data/r0.bin", cfg, threads=2, rank=0)
     with w:
-        recs = w.append_many((data_writer.tensor_bytes(t), 4) for t in items)
+        recs = w.append_many((tensor_bytes(t), 4) for t in items)
         assert sink.buf == b""
     assert "shardckpt-writer" not in started
     assert sink.threads == {threading.get_ident()} and sink.closed
@@ -198,7 +199,7 @@ def _write(sink: _MemorySink, items: list[torch.Tensor]) -> tuple[DataFileWriter
     cfg = codec.CodecConfig(block_size=256 * 1024)
     w = DataFileWriter(sink, "data/r0.bin", cfg, threads=2, rank=0)
     with w:
-        recs = w.append_many((data_writer.tensor_bytes(t), 4) for t in items)
+        recs = w.append_many((tensor_bytes(t), 4) for t in items)
     assert w.size == len(sink.buf) and w.crc == zlib.crc32(sink.buf)
     assert len(sink.threads) == 1 and sink.closed
     assert _decode_all(bytes(sink.buf), recs, cfg) == [t.numpy().tobytes() for t in items]
