@@ -261,3 +261,37 @@ def test_train_state_epoch_without_loader() -> None:
         warnings.simplefilter("error")
         sd = ts.state_dict()
     assert sd["progress"]["epoch"] == 4 and "data" not in sd
+
+
+def _branchy(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4), "idle": torch.nn.Linear(4, 4)})
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _steps(model, opt, n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        opt.zero_grad()
+        model["used"](torch.randn(3, 4, generator=g)).pow(2).sum().backward()  # idle: no grad
+        opt.step()
+
+
+def test_a_parameter_without_optimizer_state_resumes_exactly(tmp_path) -> None:
+    # An unused branch (an idle expert, a head not trained yet) has no optimizer state: the
+    # restore asked for it and raised MissingKeysError (with a hint to rename another
+    # parameter's moments onto it).
+    ref, ref_opt = _branchy(0)
+    _steps(ref, ref_opt, 3, seed=1)
+    shardckpt.save(shardckpt.TrainState(ref, ref_opt), tmp_path / "ck")
+    _steps(ref, ref_opt, 3, seed=2)
+    model, opt = _branchy(5)
+    shardckpt.load(shardckpt.TrainState(model, opt), tmp_path / "ck")
+    assert len(opt.state) == 2 and all(p not in opt.state for p in model["idle"].parameters())
+    _steps(model, opt, 3, seed=2)
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert (p in ref_opt.state) == (q in opt.state)
+        if p in ref_opt.state:
+            assert all(torch.equal(ref_opt.state[p][f], opt.state[q][f]) for f in ref_opt.state[p])

@@ -18,6 +18,7 @@ Step and epoch count completed units: resume continues with the next one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import io
 import json
@@ -45,7 +46,9 @@ from ..dcp.safety import weights_only_load
 from ..errors import ShardckptError
 from ..format.keys import RANK_KEY, rank_of_key
 from .data_position import ResumableLoader
+from .optim_state import is_zero, only_saved, saved_param_states
 from .seed import base_seed, derive_seed
+from .zero import ZeroOptimizerState
 
 __all__ = ["TrainState", "RestoreMismatchError"]
 
@@ -184,6 +187,11 @@ class TrainState:
                  process_group: dist.ProcessGroup | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        # ZeRO shards its state over the ranks: each saves what it owns, by parameter name.
+        self._zero = ZeroOptimizerState(optimizer, model) if is_zero(optimizer) else None
+        # Optimizer entries the checkpoint about to be loaded holds (prepare_load).
+        self._load_states: set[str] | None = None
+        self._partial_optim = False  # the state_dict for that load left some out
         self.scheduler = scheduler
         self.scaler = scaler
         # A loader that carries its own state (torchdata's StatefulDataLoader, or one
@@ -238,9 +246,15 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         rank, world = self._rank_world()
         sd: dict[str, Any] = {"model": get_model_state_dict(self.model, options=self.options)}
-        if self.optimizer is not None:
+        if self._zero is not None:
+            sd["optim"] = self._zero.state_dict()
+        elif self.optimizer is not None:
             sd["optim"] = get_optimizer_state_dict(self.model, self.optimizer,
                                                    options=self.options)
+            if self._load_states is not None:
+                full = len(sd["optim"].get("state") or ())
+                sd["optim"] = only_saved(sd["optim"], self._load_states)
+                self._partial_optim = len(sd["optim"].get("state") or ()) < full
         if self.scheduler is not None:
             sd["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
@@ -274,13 +288,20 @@ class TrainState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Sections absent from `state_dict` are left as they are, so a partial dict
         # (e.g. torch.load of an older layout) can still be applied.
-        self._load_ranks = None
+        self._load_ranks = self._load_states = None
         rank, world = self._rank_world()
         if "model" in state_dict:
             set_model_state_dict(self.model, state_dict["model"], options=self.options)
-        if "optim" in state_dict and self.optimizer is not None:
+        if "optim" in state_dict and self._zero is not None:
+            self._zero.load_state_dict(state_dict["optim"])
+        elif "optim" in state_dict and self.optimizer is not None:
+            # Parameters saved without state (never stepped) are loaded without one: torch
+            # refuses that unless told it is meant.
+            opts = (dataclasses.replace(self.options or StateDictOptions(), strict=False)
+                    if self._partial_optim else self.options)
+            self._partial_optim = False
             set_optimizer_state_dict(self.model, self.optimizer, state_dict["optim"],
-                                     options=self.options)
+                                     options=opts)
         if "scheduler" in state_dict and self.scheduler is not None:
             self.scheduler.load_state_dict(state_dict["scheduler"])
         if "scaler" in state_dict and self.scaler is not None:
@@ -336,9 +357,12 @@ class TrainState:
             from ..io.reader import read_manifest
             keys: Iterable[str] = read_manifest(checkpoint).keys()
         else:
-            keys = checkpoint
+            keys = list(checkpoint)
         ranks = {r for k in keys if (r := rank_of_key(k)) is not None}
         self._load_ranks = ranks
+        self._load_states = saved_param_states(keys)
+        if self._zero is not None:
+            self._zero.prepare_load(keys)
         return ranks
 
     # -- optional check --------------------------------------------------------------

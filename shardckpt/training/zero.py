@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -29,36 +31,60 @@ class ZeroOptimizerState:
         self.optimizer = optimizer
         self.names = {p: clean_name(n) for n, p in model.named_parameters()}
         self.by_name = {n: p for p, n in self.names.items()}
+        # Names whose state the checkpoint about to be loaded holds (prepare_load).
+        self._load_names: set[str] | None = None
 
     def _local(self) -> torch.optim.Optimizer:
         return self.optimizer.optim
 
-    def _ensure_state(self) -> None:
-        # Placeholders must exist before a load: run one zero-gradient step with
-        # lr=0 on parameters that have no state yet.
+    def prepare_load(self, checkpoint: str | os.PathLike | Iterable[str]) -> None:
+        """The checkpoint (its path, or its keys) about to be loaded: placeholders are made
+        for exactly the parameters whose state it holds. shardckpt.load calls this; with
+        plain dcp.load call it first, or parameters with no state yet load none."""
+        if isinstance(checkpoint, (str, os.PathLike)):
+            from ..io.reader import read_manifest
+
+            keys = read_manifest(checkpoint).keys()
+        else:
+            keys = list(checkpoint)
+        self._load_names = {n for n in self.by_name
+                            if any(f".state.{n}." in k
+                                   for k in keys)}
+
+    def _placeholders(self, names: set[str] | None) -> None:
+        """Give parameters with no state one to load into: a step with zero gradients and
+        lr=0 on them alone. Only before a load, never on a save: a step also advances
+        every parameter that holds a gradient (its step count, and its moments by that
+        gradient), which would change the state being saved."""
         local = self._local()
-        todo = [p for g in local.param_groups for p in g["params"] if p not in local.state]
+        todo = [p for g in local.param_groups for p in g["params"]
+                if p not in local.state and (names is None or self.names[p] in names)]
         if not todo:
             return
-        saved = [(g, g["lr"]) for g in local.param_groups]
-        grads = {p: p.grad for p in todo}
-        for p in todo:
-            p.grad = torch.zeros_like(p)
-        for g, _ in saved:
-            g["lr"] = 0.0
-        local.step()
-        for g, lr in saved:
-            g["lr"] = lr
-        for p, gr in grads.items():
-            p.grad = gr
+        lrs = [(g, g["lr"]) for g in local.param_groups]
+        grads = {p: p.grad for g in local.param_groups for p in g["params"]}
+        wanted = set(todo)
+        try:
+            for p in grads:
+                p.grad = torch.zeros_like(p) if p in wanted else None
+            for g, _ in lrs:
+                g["lr"] = 0.0
+            local.step()
+        finally:
+            for g, lr in lrs:
+                g["lr"] = lr
+            for p, gr in grads.items():
+                p.grad = gr
 
     def state_dict(self) -> dict[str, Any]:
-        self._ensure_state()
         local = self._local()
+        if self._load_names is not None:
+            self._placeholders(self._load_names)
         state = {}
         for g in local.param_groups:
             for p in g["params"]:
-                state[self.names[p]] = dict(local.state[p])
+                if p in local.state:  # a parameter never stepped has none, and saves none
+                    state[self.names[p]] = dict(local.state[p])
         groups = []
         for g in self.optimizer.param_groups:
             groups.append({k: v for k, v in g.items() if k != "params"}
@@ -66,6 +92,7 @@ class ZeroOptimizerState:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._load_names = None
         local = self._local()
         for name, st in sd["state"].items():
             p = self.by_name[name]

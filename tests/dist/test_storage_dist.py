@@ -94,6 +94,30 @@ def test_zero_optimizer_each_rank_writes_what_it_owns(tmp_path):
     assert run_world(2, W.zero_load, path)[0]["lr"] == 1e-2
 
 
+def test_a_zero_save_leaves_the_optimizer_as_it_was(tmp_path):
+    # The save made placeholders with an lr=0 step, which also stepped every parameter
+    # holding a gradient (step counts up, moments absorbing that gradient again).
+    path = str(tmp_path / "zero")
+    out = run_world(2, W.zero_save_leaves_optimizer_alone, path)
+    assert all(o["same"] for o in out), out
+    assert sum(o["with_state"] for o in out) == 4  # weight + bias of the two used layers
+    manifest = json.load(open(os.path.join(path, fmt.MANIFEST_NAME)))
+    stored = {k.split(".")[2] for k in manifest["tensors"] if k.startswith("optim.state.")}
+    assert stored == {"0", "2"}  # layers 1 and 3 never stepped: nothing saved for them
+
+
+def test_a_train_state_saves_and_reshards_a_zero_optimizer(tmp_path):
+    # TrainState called get_optimizer_state_dict on ZeRO, which refuses an unconsolidated
+    # optimizer: every rank's save failed.
+    path = str(tmp_path / "zts")
+    saved = run_world(2, W.zero_train_state, path, True)
+    union = {k: v for s in saved for k, v in s.items()}
+    assert saved[0] and saved[1] and not set(saved[0]) & set(saved[1])
+    loaded = run_world(3, W.zero_train_state, path, False)
+    got = {k: v for s in loaded for k, v in s.items()}
+    assert set(got) == set(union) and W.compare_trees(union, got) == []
+
+
 def test_kill_one_rank_mid_write_keeps_previous_checkpoint(tmp_path):
     good, bad, flag = str(tmp_path / "good"), str(tmp_path / "bad"), str(tmp_path / "flag")
     ctx = mp.get_context("spawn")

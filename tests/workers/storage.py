@@ -173,6 +173,49 @@ def zero_owned(rank: int, ws: int, path: str) -> dict:
     return {k: {n: v.clone() for n, v in st.items()} for k, st in zs.state_dict()["state"].items()}
 
 
+def zero_save_leaves_optimizer_alone(rank: int, ws: int, path: str) -> dict:
+    """A ZeRO save with a parameter that has no state yet (never used in forward) and
+    gradients still on the others: the optimizer must come out of the save unchanged."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4),
+                                torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model[2](model[0](torch.randn(3, 4))).sum().backward()  # 1 and 3: no gradient, no state
+        opt.step()
+    local = opt.optim
+    before = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+              for p, st in local.state.items()}
+    shardckpt.save({"optim": ZeroOptimizerState(opt, model)}, path, compression="none")
+    after = {id(p): st for p, st in local.state.items()}
+    same = before.keys() == after.keys() and all(
+        torch.equal(torch.as_tensor(v), torch.as_tensor(after[i][k]))
+        for i, st in before.items() for k, v in st.items())
+    return {"same": same, "with_state": len(after)}
+
+
+def zero_train_state(rank: int, ws: int, path: str, save: bool) -> dict:
+    """TrainState over a ZeroRedundancyOptimizer: save after two steps, or load; the state
+    each rank owns, by parameter name."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = build_model(0 if save else 3, 101)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
+                                  lr=1e-2 if save else 5.0)
+    ts = shardckpt.TrainState(model, opt)
+    if save:
+        _train(model, opt, rank)
+        shardckpt.save(ts, path, compression="none")
+    else:
+        shardckpt.load(ts, path)
+        assert opt.param_groups[0]["lr"] == 1e-2
+    st = ZeroOptimizerState(opt, model).state_dict()["state"]
+    return {k: {n: v.clone() for n, v in s.items()} for k, s in st.items()}
+
+
 def save_then_hang(rank: int, ws: int, good: str, bad: str, flag: str) -> None:
     """Commit `good`, then start `bad` and stall rank 1 in the middle of its writes."""
     state = {"w": torch.arange(5000, dtype=torch.float32) + rank * 0,
