@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -33,6 +34,7 @@ from .gcpause import gc_paused
 from .io.data_writer import typed_write_error
 from .io.reader import CheckpointReader
 from .io.storage import norm_path
+from .training.optim_state import prepare_plain_optimizer
 
 log = logging.getLogger("shardckpt")
 
@@ -305,12 +307,14 @@ def load_open(state: dict[str, Any], ckpt: CheckpointReader, *, process_group: A
               strict: bool = True, scope: Any = None) -> LoadReport:
     """`load` from a checkpoint the caller has opened (the manager opens it once)."""
     keys = ckpt.manifest.keys()
-    for value in state.values():
+    for key, value in state.items():
         # Objects with rank-private keys (TrainState) learn which ranks were saved,
         # so ranks added since then do not ask for keys that do not exist.
         prepare = getattr(value, "prepare_load", None)
         if callable(prepare):
             prepare(keys)
+        elif isinstance(value, torch.optim.Optimizer):
+            prepare_plain_optimizer(key, value, keys)
     planner = SafeLoadPlanner(strict=strict, path=ckpt.path, scope=scope)
     try:
         with quiet_no_dist(), gc_paused():

@@ -295,3 +295,17 @@ def test_a_parameter_without_optimizer_state_resumes_exactly(tmp_path) -> None:
         assert (p in ref_opt.state) == (q in opt.state)
         if p in ref_opt.state:
             assert all(torch.equal(ref_opt.state[p][f], opt.state[q][f]) for f in ref_opt.state[p])
+
+
+def test_an_optimizer_alone_loads_into_a_fresh_one(tmp_path) -> None:
+    # A fresh optimizer's state_dict has no per-parameter entries: every saved moment was
+    # "unexpected" (strict) or silently dropped (strict=False).
+    model, opt = _branchy(0)
+    _steps(model, opt, 2, seed=1)
+    shardckpt.save(opt, tmp_path / "opt")
+    fresh = torch.optim.AdamW(model.parameters(), lr=5.0)
+    rep = shardckpt.load(fresh, tmp_path / "opt")
+    assert rep.unexpected == [] and fresh.param_groups[0]["lr"] == 1e-2
+    assert set(fresh.state) == set(opt.state)  # the idle branch still has none
+    for p, st in opt.state.items():
+        assert all(torch.equal(st[f], fresh.state[p][f]) for f in st)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .optim_state import placeholder_states
+
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -51,35 +53,11 @@ class ZeroOptimizerState:
                             if any(f".state.{n}." in k
                                    for k in keys)}
 
-    def _placeholders(self, names: set[str] | None) -> None:
-        """Give parameters with no state one to load into: a step with zero gradients and
-        lr=0 on them alone. Only before a load, never on a save: a step also advances
-        every parameter that holds a gradient (its step count, and its moments by that
-        gradient), which would change the state being saved."""
-        local = self._local()
-        todo = [p for g in local.param_groups for p in g["params"]
-                if p not in local.state and (names is None or self.names[p] in names)]
-        if not todo:
-            return
-        lrs = [(g, g["lr"]) for g in local.param_groups]
-        grads = {p: p.grad for g in local.param_groups for p in g["params"]}
-        wanted = set(todo)
-        try:
-            for p in grads:
-                p.grad = torch.zeros_like(p) if p in wanted else None
-            for g, _ in lrs:
-                g["lr"] = 0.0
-            local.step()
-        finally:
-            for g, lr in lrs:
-                g["lr"] = lr
-            for p, gr in grads.items():
-                p.grad = gr
-
     def state_dict(self) -> dict[str, Any]:
         local = self._local()
         if self._load_names is not None:
-            self._placeholders(self._load_names)
+            placeholder_states(local, [p for g in local.param_groups for p in g["params"]
+                                       if self.names[p] in self._load_names])
         state = {}
         for g in local.param_groups:
             for p in g["params"]:
