@@ -22,6 +22,7 @@ from .errors import (
     DtypeMismatchError,
     IncompleteCheckpointError,
     InsufficientSpaceError,
+    KeyMappingError,
     LoadFailedError,
     MissingKeysError,
     NotACheckpointError,
@@ -65,6 +66,7 @@ __all__ = [
     "ShardckptError", "CheckpointNotFoundError", "CollectiveTimeoutError", "NotACheckpointError",
     "IncompleteCheckpointError", "CorruptCheckpointError", "StateMismatchError",
     "MissingKeysError", "UnexpectedKeysError", "ShapeMismatchError", "DtypeMismatchError",
-    "CheckpointExistsError", "InsufficientSpaceError", "SaveFailedError", "LoadFailedError",
+    "CheckpointExistsError", "InsufficientSpaceError", "KeyMappingError", "SaveFailedError",
+    "LoadFailedError",
     "UnsafeObjectError", "UnsupportedFormatError",
 ]

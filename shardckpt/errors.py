@@ -70,6 +70,10 @@ class DtypeMismatchError(StateMismatchError, TypeError):
     pass
 
 
+class KeyMappingError(StateMismatchError, ValueError):
+    """strip_prefix / rename send two keys to one."""
+
+
 class CheckpointExistsError(ShardckptError, FileExistsError):
     """The target path is occupied by something shardckpt will not overwrite."""
 

@@ -159,3 +159,10 @@ def test_excluded_keys_of_the_state_keep_their_values_whatever_their_shape(tmp_p
         assert torch.equal(new[0].weight, old[0].weight) and torch.equal(new[0].bias, old[0].bias)
         assert all(torch.equal(a, b) for a, b in zip(new[2].parameters(), head))
         assert rep.missing == [] and rep.unexpected == [] and "model.2.weight" not in rep.loaded
+
+
+def test_a_rename_that_sends_two_keys_to_one_is_a_typed_error(tmp_path):
+    shardckpt.save({"model": {"a.weight": torch.ones(2), "a.bias": torch.ones(2)}}, tmp_path / "c")
+    with pytest.raises(shardckpt.KeyMappingError, match="'model.a.weight' and 'model.a.bias'"):
+        shardckpt.load({"model": {"x": torch.zeros(2)}}, tmp_path / "c",
+                       rename={r"a\.(weight|bias)": "x"}, strict=False)

@@ -22,6 +22,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
+from ..errors import KeyMappingError
+
 RANK_KEY = "__rank{}__"
 _RANK_COMPONENT = re.compile(r"(?:^|\.)__rank(\d+)__(?:\.|$)")
 
@@ -94,8 +96,8 @@ def map_keys(entries: Mapping[str, V], key_map: KeyMap | None) -> dict[str, V]:
     for k, v in entries.items():
         nk = key_map(k)
         if nk in out:
-            raise ValueError(f"key mapping sends both {origin[nk]!r} and {k!r} to {nk!r}; "
-                             f"adjust strip_prefix / rename")
+            raise KeyMappingError(f"key mapping sends both {origin[nk]!r} and {k!r} to "
+                                  f"{nk!r}; adjust strip_prefix / rename")
         out[nk] = v
         origin[nk] = k
     return out
