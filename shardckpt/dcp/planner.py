@@ -37,7 +37,9 @@ from ..errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
     UnsafeObjectError,
+    UnsupportedFormatError,
 )
+from ..format.dtypes import dtype_name, is_dtype_name
 from ..format.keys import is_rank_local, mapping_hint
 from .safety import safe_torch_load
 from .saved_objects import check_loads_back, serialize
@@ -174,6 +176,12 @@ class SafeSavePlanner(DefaultSavePlanner):
         self._serialized.clear()
         for item in plan.items:
             if item.type != WriteItemType.BYTE_IO:
+                td = item.tensor_data
+                if td is not None and not is_dtype_name(_name_of(td.properties.dtype)):
+                    raise UnsupportedFormatError(
+                        f"{self.path}: cannot save {item.index.fqn!r}: dtype "
+                        f"{td.properties.dtype} has no name in the shardckpt format; cast it "
+                        f"(e.g. to uint8 with .view(torch.uint8)) first. Nothing was written.")
                 continue
             fqn = item.index.fqn
             try:
@@ -218,6 +226,13 @@ class SafeSavePlanner(DefaultSavePlanner):
             # (its staging directory); this save's arrived with the empty plan.
             out = self.plan = dataclasses.replace(out, storage_data=new_plan.storage_data)
         return out
+
+
+def _name_of(dtype: torch.dtype) -> str | None:
+    try:
+        return dtype_name(dtype)
+    except TypeError:
+        return None
 
 
 def key_hint(wanted: list[str], stored: list[str]) -> str:

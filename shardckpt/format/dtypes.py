@@ -18,7 +18,7 @@ _BASE = ("float32", "float64", "float16", "bfloat16", "complex64", "complex128",
          "int8", "int16", "int32", "int64", "uint8", "bool")
 # Present in some torch versions only: a name is a format dtype where this torch has it.
 _OPTIONAL = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-             "uint16", "uint32", "uint64", "complex32")
+             "float8_e8m0fnu", "float4_e2m1fn_x2", "uint16", "uint32", "uint64", "complex32")
 # Only these are byte-grouped: their high bytes (sign + exponent) are highly
 # redundant in trained weights and optimizer moments.
 _GROUPED_NAMES = {"float32": 4, "bfloat16": 2, "float16": 2}
