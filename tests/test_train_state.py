@@ -309,3 +309,20 @@ def test_an_optimizer_alone_loads_into_a_fresh_one(tmp_path) -> None:
     assert set(fresh.state) == set(opt.state)  # the idle branch still has none
     for p, st in opt.state.items():
         assert all(torch.equal(st[f], fresh.state[p][f]) for f in st)
+
+
+def test_a_sampler_of_another_kind_restarts_the_open_epoch_and_says_so() -> None:
+    # The position of a DistributedSampler applied to a plain sampler's order skipped
+    # samples while the warning said the run continued with the ones not yet consumed.
+    data = CountingData(24)
+    rl = ResumableLoader(DataLoader(data, batch_size=4, sampler=DistributedSampler(
+        data, num_replicas=2, rank=0, seed=1)))
+    for i, _ in enumerate(rl):
+        if i == 1:
+            break
+    pos, gen = rl.position(), rl.generator_state()
+    rl2 = ResumableLoader(DataLoader(CountingData(24), batch_size=4, shuffle=True,
+                                     generator=make_generator(3)))
+    with pytest.warns(RuntimeWarning, match="restarts from its beginning"):
+        assert rl2.load_position(pos, gen)
+    assert sorted(i for b in rl2 for i in b.tolist()) == list(range(24))  # nothing skipped

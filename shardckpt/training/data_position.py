@@ -260,6 +260,22 @@ class ResumableLoader:
         self._epoch_start_state = state if self._open else None
         resharded = (self.distributed_sampler is not None
                      and int(pos["world_size"]) != self.data_world_size())
+        switched = bool(pos.get("distributed", self.distributed_sampler is not None)) != (
+            self.distributed_sampler is not None)
+        if switched and self._open:
+            # A DistributedSampler's order and a plain sampler's are different permutations:
+            # the samples consumed of one cannot be found in the other.
+            warnings.warn(
+                f"the data position was saved with "
+                f"{'a DistributedSampler' if pos.get('distributed') else 'a plain sampler'} "
+                f"and this loader uses "
+                f"{'a DistributedSampler' if self.distributed_sampler is not None else 'a plain sampler'}"
+                f": the samples consumed of epoch {self.epoch} cannot be identified in the new "
+                f"order, so that epoch restarts from its beginning (some samples are seen twice,"
+                f" none skipped). Resume with the same kind of sampler to continue exactly.",
+                RuntimeWarning, stacklevel=3)
+            self.global_offset = self.batches_consumed = self.samples_consumed = 0
+            return True
         if resharded and self._open:
             # Restart the epoch's remaining positions as a new segment split over the new world.
             self.global_offset = int(pos["global_samples_consumed"])
