@@ -114,7 +114,8 @@ def test_step_name_is_zero_padded_and_sorts(tmp_path):
     assert sorted(_entries(tmp_path) - {LATEST_POINTER}) == [
         "step_00000007", "step_00000030", "step_123456789"]
     st = {"w": torch.zeros(2)}
-    assert mgr.restore(st) == 123456789
+    assert mgr.restore(st) == 30  # the most recent save, as `latest` says, not the highest step
+    assert mgr.latest_step == 30 and shardckpt.latest(tmp_path).endswith("step_00000030")
 
 
 def test_restore_empty_root_returns_none(tmp_path):
@@ -483,3 +484,20 @@ def test_latest_skips_a_checkpoint_whose_data_is_missing_or_truncated(tmp_path):
     assert shardckpt.latest(tmp_path).endswith("step_00000001")
     state = W.empty_state()
     shardckpt.load(state, shardckpt.latest(tmp_path))
+
+
+def test_after_a_rollback_the_new_branch_is_the_latest(tmp_path):
+    # Save 1..4, go back to 2 (a loss spike), save 3 again: resuming picked the abandoned
+    # branch's step 4, the highest step, over the 3 just saved.
+    mgr = _mgr(tmp_path, keep_last=None)
+    for s in (1, 2, 3, 4):
+        mgr.save(s, W.make_state(s))
+    st = W.empty_state()
+    assert mgr.restore(st, step=2) == 2
+    mgr.save(3, W.make_state(103))  # replaces the old branch's step 3
+    mgr.close()
+    assert shardckpt.latest(tmp_path).endswith("step_00000003")
+    fresh = _mgr(tmp_path, keep_last=None)
+    st = W.empty_state()
+    assert fresh.restore(st) == 3 and fresh.latest_step == 3
+    assert torch.equal(st["w"], W.make_state(103)["w"])

@@ -85,6 +85,23 @@ def step_entries(root: str) -> list[tuple[int, str]]:
     return out
 
 
+def created(path: str) -> float:
+    """When the checkpoint at `path` was committed (its manifest's time; else the
+    directory's mtime, else 0)."""
+    try:
+        return read_committed(path).created_unix
+    except (ShardckptError, OSError):
+        try:
+            return 0.0 if is_url(path) else os.path.getmtime(path)
+        except OSError:
+            return 0.0
+
+
+def newest_first(root: str, entries: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(step, name) entries, most recently committed first; the step breaks ties."""
+    return sorted(entries, key=lambda e: (created(join(root, e[1])), e[0]), reverse=True)
+
+
 def manifest_size(m: Manifest, path: str) -> int:
     if is_url(path):
         info = storage_for(path).store.head(join(path, MANIFEST_NAME))
@@ -133,8 +150,8 @@ def list_checkpoints(root: str | os.PathLike, *,
 def latest(root: str | os.PathLike, *, storage_options: dict | None = None) -> str | None:
     """Path of the newest valid committed checkpoint under `root`, or None.
 
-    The `latest` pointer wins when it names a committed checkpoint at least as
-    new as every other; otherwise the newest committed step directory.
+    Newest is the most recently committed (after a rollback, the new branch's, not
+    the abandoned branch's higher step); the `latest` pointer wins a tie.
     """
     root = norm_path(root)
     infos = [i for i in list_checkpoints(root, storage_options=storage_options)
@@ -142,11 +159,12 @@ def latest(root: str | os.PathLike, *, storage_options: dict | None = None) -> s
     if not infos:
         return None
     p = Pointers(root).read(LATEST_POINTER)
-    newest = infos[-1]
-    order = infos[::-1]
+    # Most recently committed first, not highest step: after a rollback (restore step 2,
+    # save step 3 again) the abandoned branch's step 4 is not the run's latest.
+    order = sorted(infos, key=lambda i: (i.time, i.step), reverse=True)
     if p is not None:
         named = [i for i in infos if i.name == p["name"]]
-        if named and named[0].step >= newest.step:
+        if named and (named[0].time, named[0].step) >= (order[0].time, order[0].step):
             order = named + [i for i in order if i is not named[0]]
     # "Valid" as restore() means it: a checkpoint whose data file is missing or truncated
     # would fail the load its caller is about to make.

@@ -34,7 +34,7 @@ from ..io.fsutil import fsync_dir, remove_dir
 from ..io.reader import CheckpointReader, find_partials
 from ..io.storage import is_url, storage_for
 from ..tools.verify import verify_reader
-from . import refcount
+from . import catalog, refcount
 from .backoff import BaseBackoff
 from .catalog import CheckpointInfo, files_damage, list_checkpoints, precheck, step_entries
 from .leases import Leases
@@ -343,7 +343,7 @@ class RootKeeper:
                 if s is not None and s > newest:
                     notes.append(f"{self._path(parsed[0])}: its save was interrupted and never "
                                  f"committed (leftover {e}); ignored")
-        for _, name in reversed(entries):
+        for _, name in catalog.newest_first(self.root, entries):
             path = self._path(name)
             if name in exclude:
                 continue
@@ -380,7 +380,8 @@ class RootKeeper:
         stale = (latest is None
                  or storage_for(self._path(latest["name"])).state(
                      self._path(latest["name"])) != DirState.COMMITTED
-                 or (parse_step(latest["name"]) or -1) < (step or 0))
+                 or (catalog.created(self._path(latest["name"])), parse_step(latest["name"]) or -1)
+                 < (manifest.created_unix, step or 0))
         if stale:
             self.pointers.write(LATEST_POINTER, {"name": name, "step": step,
                                                   "updated_unix": time.time()})
