@@ -210,18 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     _trust_pickle_flag(p)
     p.add_argument("--model-only", action="store_true",
-                   help="only the model's weights (with issue 14's convert)")
+                   help="only the model's weights")
     p.add_argument("--include", action="append", metavar="GLOB",
-                   help="only keys matching GLOB (repeatable; with issue 14's convert)")
+                   help="only keys matching GLOB (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
-                   help="leave out keys matching GLOB (repeatable; with issue 14's convert)")
+                   help="leave out keys matching GLOB (repeatable)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                   help="cast floating-point tensors (with issue 14's convert)")
+                   help="cast floating-point tensors")
     p.add_argument("--max-shard-size", type=_checked(_size), default=None, metavar="SIZE",
-                   help="split output files at SIZE, e.g. 5GB, 500MB, 2GiB "
-                        "(with issue 14's convert)")
+                   help="split output files at SIZE, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--train-state", action="store_true",
-                   help="write the TrainState layout (with issue 14's convert)")
+                   help="write the TrainState layout")
 
     p = _sub(subs, "migrate", cmd_migrate, "rewrite an older checkpoint's manifest in the current "
              "format version, in place and atomically (data files untouched)",

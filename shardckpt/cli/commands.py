@@ -124,7 +124,8 @@ def cmd_reshard(args: argparse.Namespace) -> Result:
         f"{human_bytes(r['bytes_on_disk'])} on disk, {secs:.1f}s"))
 
 
-# Flags of issue 14's convert: passed only when set, so today's convert keeps working.
+# Flags of the format-aware convert: passed only when set, so a convert without them
+# (an older tools.convert) keeps working.
 _CONVERT_EXTRA = (("model_only", "--model-only"), ("include", "--include"),
                   ("exclude", "--exclude"), ("dtype", "--dtype"),
                   ("max_shard_size", "--max-shard-size"), ("train_state", "--train-state"))
@@ -153,7 +154,7 @@ def cmd_convert(args: argparse.Namespace) -> Result:
     lacking = [flag for name, flag in _CONVERT_EXTRA if name in kw and name not in params]
     if lacking:
         raise ValueError(f"{', '.join(lacking)}: not supported by this shardckpt's convert "
-                         f"(needs the convert of issue 14)")
+                         f"(upgrade shardckpt)")
     refuse_special(args.src)
     total = None
     if not args.quiet and sys.stderr.isatty():

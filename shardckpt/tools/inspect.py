@@ -152,7 +152,9 @@ def format_inspect(info: dict[str, Any], *, max_keys: int | None = None) -> str:
         f"codec        {info['codec'].get('compression')} level {info['codec'].get('level')}, "
         f"blocks of {_human(info['codec'].get('block_size', 0))}",
         f"size         {_human(info['bytes_logical'])} logical, {_human(info['bytes_on_disk'])} "
-        f"on disk" + (f" (ratio {ratio:.2f}x)" if ratio else ""),
+        f"on disk" + (f" (+{_human(info['bytes_referenced'])} referenced in bases)"
+                      if info.get("bases") else "")
+        + (f" (codec ratio {ratio:.2f}x)" if ratio else ""),
         f"keys         {plural(info['n_tensors'], 'tensor')}, "
         f"{plural(info['n_objects'], 'object')}",
     ]

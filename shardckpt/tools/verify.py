@@ -62,8 +62,10 @@ class VerifyReport:
                 "problems": [vars(p) for p in self.problems]}
 
     def __str__(self) -> str:
-        head = (f"{self.path}: {'OK' if self.ok else 'DAMAGED'} — {self.files} files, "
-                f"{self.blocks} blocks, {self.bytes_checked} bytes checked"
+        head = (f"{self.path}: {'OK' if self.ok else 'DAMAGED'} — "
+                f"{self.files} file{'' if self.files == 1 else 's'}, "
+                f"{self.blocks} block{'' if self.blocks == 1 else 's'}, "
+                f"{self.bytes_checked} bytes checked"
                 f"{' (deep: every block decoded)' if self.deep else ''}")
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
 
