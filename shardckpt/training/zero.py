@@ -49,9 +49,14 @@ class ZeroOptimizerState:
             keys = read_manifest(checkpoint).keys()
         else:
             keys = list(checkpoint)
-        self._load_names = {n for n in self.by_name
-                            if any(f".state.{n}." in k
-                                   for k in keys)}
+        # <top>.state.<name>.<field>: the name is what lies between (one pass over the keys;
+        # a substring test per parameter and key took seconds for large models).
+        stored = set()
+        for k in keys:
+            i = k.find(".state.")
+            if i >= 0:
+                stored.add(k[i + len(".state."):].rpartition(".")[0])
+        self._load_names = stored & set(self.by_name)
 
     def state_dict(self) -> dict[str, Any]:
         local = self._local()
