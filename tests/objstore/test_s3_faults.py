@@ -154,3 +154,10 @@ def test_a_save_to_an_unreachable_store_is_a_save_error(s3_server):
             "connect_timeout": 1, "aws_access_key_id": "x", "aws_secret_access_key": "x"}
     with pytest.raises(SaveFailedError, match="nothing was committed"):
         shardckpt.save({"w": torch.ones(2)}, "s3://nobody-listens/ck", storage_options=opts)
+
+
+def test_a_missing_bucket_is_an_error_not_an_empty_root(bucket):
+    # A mistyped bucket listed as "0 checkpoints": restore() then started a fresh run.
+    missing = bucket.rstrip("/") + "-no-such-bucket"
+    with pytest.raises(shardckpt.CheckpointNotFoundError, match="does not exist"):
+        shardckpt.list_checkpoints(f"{missing}/run")

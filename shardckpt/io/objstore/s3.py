@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any
 
-from ...errors import LoadFailedError, SaveFailedError
+from ...errors import CheckpointNotFoundError, LoadFailedError, SaveFailedError
 from .store import ObjectInfo, Upload
 from .urls import split_url
 
@@ -210,7 +210,10 @@ class S3Store:
                 out += [(o["Key"][len(pre):], False) for o in page.get("Contents", [])]
         except Exception as e:  # noqa: BLE001
             if _code(e) == "NoSuchBucket":
-                return []
+                # Not "no checkpoints": a mistyped bucket would read as a fresh run.
+                raise CheckpointNotFoundError(
+                    f"{root}: bucket {b!r} does not exist at this endpoint; check the name, "
+                    f"the endpoint and the region, or create the bucket.") from None
             raise load_error(e, root, "LIST") from e
         return [(n, d) for n, d in out if n]
 
