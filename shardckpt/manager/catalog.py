@@ -85,6 +85,17 @@ def step_entries(root: str) -> list[tuple[int, str]]:
     return out
 
 
+def pointer_current(ptr: dict, ptr_step: int, newest_step: int, newest_created: float) -> bool:
+    """Whether the `latest` pointer, naming a checkpoint of step `ptr_step`, wins over the
+    highest step: it names that step or a higher one, or it was written after that
+    checkpoint was committed (a rollback: restore step 2, save 3 again; the abandoned
+    branch's step 4 is older than the pointer). A pointer written before the highest
+    step was committed lags behind it (a crash between commit and pointer update)."""
+    updated = ptr.get("updated_unix")
+    return ptr_step >= newest_step or (isinstance(updated, (int, float))
+                                       and updated >= newest_created)
+
+
 def created(path: str) -> float:
     """When the checkpoint at `path` was committed (its manifest's time; else the
     directory's mtime, else 0)."""
@@ -98,8 +109,16 @@ def created(path: str) -> float:
 
 
 def newest_first(root: str, entries: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(step, name) entries, most recently committed first; the step breaks ties."""
-    return sorted(entries, key=lambda e: (created(join(root, e[1])), e[0]), reverse=True)
+    """(step, name) entries in the order restore tries them: the `latest` pointer's first
+    when it is current (pointer_current), then by step, highest first."""
+    order = entries[::-1]
+    p = Pointers(root).read(LATEST_POINTER)
+    if p is None or not order:
+        return order
+    named = [e for e in order if e[1] == p["name"]]
+    if named and pointer_current(p, named[0][0], order[0][0], created(join(root, order[0][1]))):
+        order = named + [e for e in order if e is not named[0]]
+    return order
 
 
 def manifest_size(m: Manifest, path: str) -> int:
@@ -150,8 +169,8 @@ def list_checkpoints(root: str | os.PathLike, *,
 def latest(root: str | os.PathLike, *, storage_options: dict | None = None) -> str | None:
     """Path of the newest valid committed checkpoint under `root`, or None.
 
-    Newest is the most recently committed (after a rollback, the new branch's, not
-    the abandoned branch's higher step); the `latest` pointer wins a tie.
+    The highest step, unless the `latest` pointer is current (pointer_current): after
+    a rollback it names the new branch's checkpoint, not the abandoned higher step.
     """
     root = norm_path(root)
     infos = [i for i in list_checkpoints(root, storage_options=storage_options)
@@ -159,12 +178,10 @@ def latest(root: str | os.PathLike, *, storage_options: dict | None = None) -> s
     if not infos:
         return None
     p = Pointers(root).read(LATEST_POINTER)
-    # Most recently committed first, not highest step: after a rollback (restore step 2,
-    # save step 3 again) the abandoned branch's step 4 is not the run's latest.
-    order = sorted(infos, key=lambda i: (i.time, i.step), reverse=True)
+    order = infos[::-1]
     if p is not None:
         named = [i for i in infos if i.name == p["name"]]
-        if named and (named[0].time, named[0].step) >= (order[0].time, order[0].step):
+        if named and pointer_current(p, named[0].step, order[0].step, order[0].time):
             order = named + [i for i in order if i is not named[0]]
     # "Valid" as restore() means it: a checkpoint whose data file is missing or truncated
     # would fail the load its caller is about to make.

@@ -380,8 +380,8 @@ class RootKeeper:
         stale = (latest is None
                  or storage_for(self._path(latest["name"])).state(
                      self._path(latest["name"])) != DirState.COMMITTED
-                 or (catalog.created(self._path(latest["name"])), parse_step(latest["name"]) or -1)
-                 < (manifest.created_unix, step or 0))
+                 or not catalog.pointer_current(latest, parse_step(latest["name"]) or -1,
+                                                step or 0, manifest.created_unix))
         if stale:
             self.pointers.write(LATEST_POINTER, {"name": name, "step": step,
                                                   "updated_unix": time.time()})
