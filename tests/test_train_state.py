@@ -326,3 +326,18 @@ def test_a_sampler_of_another_kind_restarts_the_open_epoch_and_says_so() -> None
     with pytest.warns(RuntimeWarning, match="restarts from its beginning"):
         assert rl2.load_position(pos, gen)
     assert sorted(i for b in rl2 for i in b.tolist()) == list(range(24))  # nothing skipped
+
+
+def test_a_load_that_never_happened_does_not_shape_the_next_save(tmp_path) -> None:
+    # prepare_load's filter belongs to one load's state_dict(): if that load fails, the
+    # next save must still hold every parameter's state.
+    model, opt = _branchy(0)
+    _steps(model, opt, 1, seed=1)
+    shardckpt.save(shardckpt.TrainState(model, opt), tmp_path / "ck")  # idle: no state
+    opt.zero_grad()
+    (model["used"](torch.ones(1, 4)).sum() + model["idle"](torch.ones(1, 4)).sum()).backward()
+    opt.step()  # now idle has state too
+    ts = shardckpt.TrainState(model, opt)
+    ts.prepare_load(tmp_path / "ck")
+    assert len(ts.state_dict()["optim"]["state"]) == 2  # the load's view: what ck holds
+    assert len(ts.state_dict()["optim"]["state"]) == 4  # a save's: everything

@@ -255,6 +255,9 @@ class TrainState:
                 full = len(sd["optim"].get("state") or ())
                 sd["optim"] = only_saved(sd["optim"], self._load_states)
                 self._partial_optim = len(sd["optim"].get("state") or ()) < full
+                # Consumed by this load's one state_dict() call: a save after a load that
+                # failed must not leave out parameters that checkpoint lacked.
+                self._load_states = None
         if self.scheduler is not None:
             sd["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:

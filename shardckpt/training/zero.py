@@ -63,6 +63,7 @@ class ZeroOptimizerState:
         if self._load_names is not None:
             placeholder_states(local, [p for g in local.param_groups for p in g["params"]
                                        if self.names[p] in self._load_names])
+            self._load_names = None  # this load's one call; never again on a save
         state = {}
         for g in local.param_groups:
             for p in g["params"]:
