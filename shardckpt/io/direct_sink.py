@@ -169,10 +169,14 @@ class DirectSink(sinks.StreamedFile):
 
     def _write_at(self, view: memoryview, offset: int) -> None:
         while view:
+            was_direct = self.direct
             try:
                 n = sinks._pwrite(self._fd, view, offset)
             except OSError as e:
-                if e.errno != errno.EINVAL or not self._to_buffered():
+                # Retried buffered when refused as a direct write, also when another stream
+                # switched the file first (two streams refused at once: the second found
+                # it already buffered and raised).
+                if e.errno != errno.EINVAL or not (self._to_buffered() or was_direct):
                     raise
                 continue
             if n <= 0:
